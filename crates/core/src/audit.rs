@@ -1,0 +1,153 @@
+//! Audit events: one per operation, never carrying plaintext, secret values, AAD or credentials.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::model::{Frontend, Timestamp};
+
+/// Every operation the dispatcher performs, named once for audit, policy, rate limits and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "PascalCase")]
+#[non_exhaustive]
+pub enum Operation {
+    CreateKey,
+    DescribeKey,
+    ListKeys,
+    EnableKey,
+    DisableKey,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    RotateKey,
+    UpdateKeyDescription,
+    CreateAlias,
+    UpdateAlias,
+    DeleteAlias,
+    ListAliases,
+    Encrypt,
+    Decrypt,
+    GenerateDataKey,
+    Sign,
+    Verify,
+    GetPublicKey,
+    GenerateRandom,
+    Hmac,
+    VerifyHmac,
+    Health,
+    PurgeKey,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::CreateKey => "CreateKey",
+            Operation::DescribeKey => "DescribeKey",
+            Operation::ListKeys => "ListKeys",
+            Operation::EnableKey => "EnableKey",
+            Operation::DisableKey => "DisableKey",
+            Operation::ScheduleKeyDeletion => "ScheduleKeyDeletion",
+            Operation::CancelKeyDeletion => "CancelKeyDeletion",
+            Operation::RotateKey => "RotateKey",
+            Operation::UpdateKeyDescription => "UpdateKeyDescription",
+            Operation::CreateAlias => "CreateAlias",
+            Operation::UpdateAlias => "UpdateAlias",
+            Operation::DeleteAlias => "DeleteAlias",
+            Operation::ListAliases => "ListAliases",
+            Operation::Encrypt => "Encrypt",
+            Operation::Decrypt => "Decrypt",
+            Operation::GenerateDataKey => "GenerateDataKey",
+            Operation::Sign => "Sign",
+            Operation::Verify => "Verify",
+            Operation::GetPublicKey => "GetPublicKey",
+            Operation::GenerateRandom => "GenerateRandom",
+            Operation::Hmac => "Hmac",
+            Operation::VerifyHmac => "VerifyHmac",
+            Operation::Health => "Health",
+            Operation::PurgeKey => "PurgeKey",
+        }
+    }
+
+    /// Whether the operation changes state (admin changes are audited as such).
+    pub fn is_mutation(self) -> bool {
+        matches!(
+            self,
+            Operation::CreateKey
+                | Operation::EnableKey
+                | Operation::DisableKey
+                | Operation::ScheduleKeyDeletion
+                | Operation::CancelKeyDeletion
+                | Operation::RotateKey
+                | Operation::UpdateKeyDescription
+                | Operation::CreateAlias
+                | Operation::UpdateAlias
+                | Operation::DeleteAlias
+                | Operation::PurgeKey
+        )
+    }
+}
+
+/// The outcome of one operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Error { kind: &'static str },
+}
+
+/// One audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    pub at: Timestamp,
+    pub request_id: String,
+    pub tenant: String,
+    pub identity: String,
+    pub frontend: Frontend,
+    pub operation: Operation,
+    /// Key id, alias or secret path the operation touched (never a value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub outcome: Outcome,
+    pub latency_us: u64,
+    /// Caller metadata (e.g. XKS kmsOperation, awsPrincipalArn). Never secrets.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Where audit events go. `record` must not block: buffer and hand off.
+pub trait AuditSink: Send + Sync + fmt::Debug {
+    fn record(&self, event: &AuditEvent);
+}
+
+/// Writes each event as one structured `tracing` event on the `audit` target.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingAuditSink;
+
+impl AuditSink for TracingAuditSink {
+    fn record(&self, event: &AuditEvent) {
+        match serde_json::to_string(event) {
+            Ok(line) => tracing::info!(target: "audit", event = %line),
+            Err(e) => tracing::error!(target: "audit", error = %e, "could not serialise an audit event"),
+        }
+    }
+}
+
+/// Keeps events in memory; for tests and for the CLI's own summary.
+#[derive(Debug, Default)]
+pub struct MemoryAuditSink {
+    events: std::sync::Mutex<Vec<AuditEvent>>,
+}
+
+impl MemoryAuditSink {
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+impl AuditSink for MemoryAuditSink {
+    fn record(&self, event: &AuditEvent) {
+        if let Ok(mut e) = self.events.lock() {
+            e.push(event.clone());
+        }
+    }
+}
