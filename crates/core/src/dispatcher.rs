@@ -1119,26 +1119,29 @@ impl Dispatcher {
         .await
     }
 
-    /// Probes the store and every backend for real.
+    /// Probes the store and every backend for real, as an audited operation.
     pub async fn health(&self, caller: &Caller) -> Result<HealthReport> {
-        self.run(caller, Operation::Health, None, async {
-            let store_ok = self.store_call(self.inner.store.ping()).await.is_ok();
-            let mut members = Vec::new();
-            for b in self.inner.backends.all() {
-                match tokio::time::timeout(self.inner.config.backend_deadline * 5, b.health()).await {
-                    Ok(m) => members.extend(m),
-                    Err(_) => members.push(MemberHealth {
-                        id: b.name().to_owned(),
-                        model: b.kind().to_owned(),
-                        status: HealthStatus::Unavailable,
-                        detail: "health probe timed out".to_owned(),
-                    }),
-                }
+        self.run(caller, Operation::Health, None, async { Ok(self.readiness().await) }).await
+    }
+
+    /// The same probe without an audit record: for load-balancer and Kubernetes probes that call every
+    /// few seconds.
+    pub async fn readiness(&self) -> HealthReport {
+        let store_ok = self.store_call(self.inner.store.ping()).await.is_ok();
+        let mut members = Vec::new();
+        for b in self.inner.backends.all() {
+            match tokio::time::timeout(self.inner.config.backend_deadline * 5, b.health()).await {
+                Ok(m) => members.extend(m),
+                Err(_) => members.push(MemberHealth {
+                    id: b.name().to_owned(),
+                    model: b.kind().to_owned(),
+                    status: HealthStatus::Unavailable,
+                    detail: "health probe timed out".to_owned(),
+                }),
             }
-            members.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok(HealthReport { store_ok, members })
-        })
-        .await
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        HealthReport { store_ok, members }
     }
 }
 

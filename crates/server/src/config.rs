@@ -1,0 +1,271 @@
+//! Configuration: one TOML file, overridden by `KMSGATE_*` environment variables, overridden by flags.
+//! Every option is documented with its default in docs/configuration.md; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `KMSGATE_` prefix that are not configuration keys (`KMSGATE_TEST_*` are the
+/// test suite's).
+const NON_CONFIG_ENV: &[&str] = &["KEK", "CONFIG", "LOG"];
+
+fn is_config_env(key: &str) -> bool {
+    !NON_CONFIG_ENV.iter().any(|n| key.eq_ignore_ascii_case(n)) && !key.to_ascii_uppercase().starts_with("TEST_")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of the embedded default: SQLite file, generated root key.
+    pub data_dir: PathBuf,
+    /// Tenant that the CLI and frontends without tenant mapping use.
+    pub default_tenant: String,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    pub backend: BackendConfig,
+    pub cache: CacheConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the main data listener.
+    pub bind: SocketAddr,
+    /// TLS for the main listener; plain HTTP when absent (local use only).
+    pub tls: Option<TlsConfig>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// How often this process reads the store's change feed to invalidate its caches.
+    pub change_poll_ms: u64,
+    /// How often keys whose deletion window has passed are destroyed.
+    pub purge_interval_secs: u64,
+    /// Largest request body accepted by any frontend, in bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of CAs whose client certificates are accepted; enables mutual TLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: allowed client identities (SAN DNS name or subject CN). Empty: any cert of the CA.
+    #[serde(default)]
+    pub client_subjects: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directive (`info`, `kmsgate=debug,info`...). `KMSGATE_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH`; empty means `sqlite://<data_dir>/kmsgate.db`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Backend that new keys go to.
+    pub default: String,
+    /// Deadline of one backend call, in milliseconds.
+    pub deadline_ms: u64,
+    pub software: SoftwareConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SoftwareConfig {
+    /// Name recorded in each key version this backend holds.
+    pub name: String,
+    /// File with the base64 root key; empty means `<data_dir>/kek`.
+    pub kek_file: Option<PathBuf>,
+    /// Environment variable holding the base64 root key instead of a file.
+    pub kek_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries in each key and alias resolution cache.
+    pub capacity: u64,
+    /// Backstop expiry of a cached key, in seconds.
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest plaintext of a symmetric encryption, in bytes.
+    pub max_plaintext_bytes: usize,
+    /// Largest additional authenticated data, in bytes.
+    pub max_aad_bytes: usize,
+    /// Keys one tenant may hold; 0 means unlimited.
+    pub max_keys_per_tenant: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./kmsgate-data"),
+            default_tenant: "default".to_owned(),
+            server: ServerConfig::default(),
+            log: LogConfig::default(),
+            store: StoreConfig::default(),
+            backend: BackendConfig::default(),
+            cache: CacheConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
+            shutdown_grace_secs: 30,
+            change_poll_ms: 500,
+            purge_interval_secs: 60,
+            max_body_bytes: 3 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".to_owned() }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig { default: "software".to_owned(), deadline_ms: 200, software: SoftwareConfig::default() }
+    }
+}
+
+impl Default for SoftwareConfig {
+    fn default() -> Self {
+        SoftwareConfig { name: "software".to_owned(), kek_file: None, kek_env: None }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { capacity: 100_000, ttl_secs: 60 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_plaintext_bytes: 64 * 1024, max_aad_bytes: 64 * 1024, max_keys_per_tenant: 0 }
+    }
+}
+
+/// Where the configuration came from, for the start-up banner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    EmbeddedDefault,
+}
+
+impl Config {
+    /// Loads defaults, then the file (if any), then `KMSGATE_*` variables (`__` separates sections:
+    /// `KMSGATE_SERVER__BIND=0.0.0.0:8443`).
+    pub fn load(file: Option<&Path>) -> anyhow::Result<(Config, Source)> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let source = match file {
+            Some(path) => {
+                if !path.is_file() {
+                    bail!("the configuration file {} does not exist", path.display());
+                }
+                fig = fig.merge(Toml::file(path));
+                Source::File(path.to_path_buf())
+            }
+            None => Source::EmbeddedDefault,
+        };
+        let env = Env::prefixed("KMSGATE_").filter(|k| is_config_env(k.as_str())).split("__");
+        fig = fig.merge(env);
+        let config: Config = fig.extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok((config, source))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        kmsgate_core::TenantId::parse(&self.default_tenant)
+            .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
+        if self.backend.deadline_ms == 0 {
+            bail!("backend.deadline_ms must be positive");
+        }
+        if self.server.change_poll_ms == 0 {
+            bail!("server.change_poll_ms must be positive");
+        }
+        if self.backend.software.kek_file.is_some() && self.backend.software.kek_env.is_some() {
+            bail!("set only one of backend.software.kek_file and backend.software.kek_env");
+        }
+        Ok(())
+    }
+
+    pub fn store_url(&self) -> String {
+        if self.store.url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("kmsgate.db").display())
+        } else {
+            self.store.url.clone()
+        }
+    }
+
+    pub fn kek_file(&self) -> PathBuf {
+        self.backend.software.kek_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_embedded_default() {
+        let c = Config::default();
+        assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert!(c.store_url().ends_with("kmsgate-data/kmsgate.db"));
+        assert_eq!(c.kek_file(), PathBuf::from("./kmsgate-data/kek"));
+    }
+
+    #[test]
+    fn file_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[server]\nbind = \"127.0.0.1:9999\"\n[backend]\ndeadline_ms = 50\n").unwrap();
+        let (c, src) = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.server.bind.port(), 9999);
+        assert_eq!(c.backend.deadline_ms, 50);
+        assert_eq!(src, Source::File(p.clone()));
+        std::fs::write(&p, "[server]\nbnd = \"x\"\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err();
+        assert!(format!("{err:#}").contains("bnd"), "{err:#}");
+        assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The kmsgate server as a library: configuration, assembly of core + backends + store, listeners, and the
+//! admin CLI. The `kmsgate` binary is a thin `main` over this; integration tests drive it directly.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod mtls;
+pub mod serve;

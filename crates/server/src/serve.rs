@@ -1,0 +1,168 @@
+//! `kmsgate serve`: logging, listeners, background tasks, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::app::App;
+use crate::config::{Config, LogFormat, Source};
+use crate::http;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the main listener (overrides server.bind).
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Log format: text or json (overrides log.format).
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("KMSGATE_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_new(&config.log.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match config.log.format {
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false))
+            .try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+    };
+}
+
+/// The router of the main listener: probes plus every enabled frontend.
+pub fn router(app: &App) -> Router {
+    http::health_routes(app.dispatcher.clone())
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(app.config.server.max_body_bytes))
+        .layer(axum::middleware::from_fn(http::request_context))
+}
+
+async fn not_found() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": "no such route"}))).into_response()
+}
+
+pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bind {
+        config.server.bind = b;
+    }
+    if let Some(f) = args.log_format {
+        config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Text };
+    }
+    init_logging(&config);
+    let (app, boot) = App::open(config).await?;
+    let cfg = app.config.clone();
+    let tls = cfg.server.tls.as_ref().map(http::tls_config).transpose()?;
+    let listener =
+        TcpListener::bind(cfg.server.bind).await.with_context(|| format!("cannot listen on {}", cfg.server.bind))?;
+    let local = listener.local_addr()?;
+
+    print_banner(&app, &source, &boot, local, tls.is_some());
+    tracing::info!(bind = %local, tls = tls.is_some(), "kmsgate listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    spawn_background(&app, stop_rx.clone());
+
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = stop_tx.send(true);
+    };
+    http::serve(listener, tls, router(&app), shutdown, Duration::from_secs(cfg.server.shutdown_grace_secs)).await?;
+    tracing::info!("kmsgate stopped");
+    Ok(())
+}
+
+/// The change-feed follower (caches see other processes' changes) and the deletion sweeper.
+fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
+    let d = app.dispatcher.clone();
+    let poll = Duration::from_millis(app.config.server.change_poll_ms);
+    let mut stop1 = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = d.apply_changes().await {
+                        tracing::warn!(error = %e, "cannot read the change feed");
+                    }
+                }
+                _ = stop1.changed() => return,
+            }
+        }
+    });
+    let d = app.dispatcher.clone();
+    let admin = app.admin();
+    let every = Duration::from_secs(app.config.server.purge_interval_secs.max(1));
+    let mut stop2 = stop;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match d.purge_due_keys(&admin).await {
+                    Ok(ids) if !ids.is_empty() => tracing::info!(count = ids.len(), "destroyed keys past their deletion date"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "deletion sweep failed"),
+                },
+                _ = stop2.changed() => return,
+            }
+        }
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_banner(app: &App, source: &Source, boot: &crate::app::Bootstrap, local: SocketAddr, tls: bool) {
+    let cfg = &app.config;
+    let scheme = if tls { "https" } else { "http" };
+    let origin = match source {
+        Source::File(p) => format!("configuration {}", p.display()),
+        Source::EmbeddedDefault => "embedded default (no configuration file)".to_owned(),
+    };
+    let kek = match (&cfg.backend.software.kek_env, boot.generated_kek) {
+        (Some(var), _) => format!("from ${var}"),
+        (None, true) => format!("{} (generated now, mode 0600: back it up)", cfg.kek_file().display()),
+        (None, false) => cfg.kek_file().display().to_string(),
+    };
+    println!("kmsgate {} running on the {origin}", env!("CARGO_PKG_VERSION"));
+    println!("  store:     {}", crate::app::redact_url(&cfg.store_url()));
+    println!("  keys:      software backend `{}`, root key {kek}", cfg.backend.software.name);
+    println!("  tenant:    {}", app.tenant);
+    println!("  listening: {scheme}://{local}{}", if tls { "" } else { "  (plain HTTP: local use only)" });
+    println!("  try:       curl {scheme}://{local}/readyz");
+    println!("             kmsgate keys create --spec AES_256 --alias alias/demo   (in another terminal)");
+    println!("  stop:      Ctrl-C (in-flight requests drain for {} s)", cfg.server.shutdown_grace_secs);
+}

@@ -1,0 +1,875 @@
+//! [`SqlStore`]: core's `Store` over SQLite or PostgreSQL, with one set of queries through sqlx's `Any` driver.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kmsgate_core::{
+    AliasEntry, AliasName, Change, ChangeKind, Error, ErrorKind, Key, KeyId, Page, PageRequest, Result, Store, Tenant,
+    TenantId, Timestamp,
+};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Executor, Row, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::dialect::{Dialect, Target, WRITER_LOCK_KEY};
+use crate::errors::{db, is_foreign_key_violation, unique};
+use crate::migrate;
+
+/// Connection settings. `Default` suits the server; tests and the CLI may shrink them.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Pool size. Ignored for `sqlite::memory:`, which must use exactly one connection.
+    pub max_connections: u32,
+    /// How long a caller waits for a pooled connection before `DependencyTimeout`.
+    pub acquire_timeout: Duration,
+    /// SQLite: how long a statement waits for another process's (or connection's) lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StoreOptions {
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+}
+
+/// The SQL store: an embedded SQLite file by default, PostgreSQL for several replicas.
+#[derive(Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// SQLite allows one writer at a time. Queueing this process's writers here, rather than letting them
+    /// poll SQLite's busy handler against each other, keeps write latency flat; the busy timeout is then
+    /// only about other processes (the CLI next to the server).
+    write_lock: Option<Mutex<()>>,
+}
+
+/// A write transaction and, on SQLite, this process's writer slot. Fields drop in order: the transaction
+/// rolls back (if not committed) before the slot is released.
+struct WriteTx<'a> {
+    tx: Transaction<'static, Any>,
+    _slot: Option<MutexGuard<'a, ()>>,
+}
+
+impl WriteTx<'_> {
+    fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await.map_err(db)
+    }
+
+    /// Ends a transaction that wrote nothing. Dropping would roll back too, but later, in the background:
+    /// this frees SQLite's write lock and PostgreSQL's writer lock before the call returns.
+    async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await.map_err(db)
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the store at `url` with default options and brings its schema up to date.
+    ///
+    /// `sqlite://<path>` or `sqlite:<path>` (the file and its parent directory are created),
+    /// `sqlite::memory:` (a private in-memory database, for tests), or `postgres://user@host/db`.
+    pub async fn open(url: &str) -> Result<SqlStore> {
+        Self::open_with(url, StoreOptions::default()).await
+    }
+
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<SqlStore> {
+        let target = Target::parse(url)?;
+        let dialect = target.dialect();
+        // The Any driver finds its backend from the URL scheme among installed drivers; this is idempotent.
+        sqlx::any::install_default_drivers();
+
+        if let Target::SqliteFile { path, .. } = &target
+            && let Some(dir) = path.parent()
+        {
+            tokio::fs::create_dir_all(dir).await.map_err(Error::storage)?;
+        }
+
+        let mut pool_options = AnyPoolOptions::new().acquire_timeout(options.acquire_timeout);
+        pool_options = match &target {
+            // Every connection to `sqlite::memory:` is its own database: one connection, never recycled.
+            Target::SqliteMemory => pool_options
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .test_before_acquire(false),
+            // A local file: a broken connection is not a thing to probe for before every query.
+            Target::SqliteFile { .. } => {
+                pool_options.max_connections(options.max_connections.max(1)).test_before_acquire(false)
+            }
+            Target::Postgres { .. } => pool_options.max_connections(options.max_connections.max(1)),
+        };
+        if dialect == Dialect::Sqlite {
+            let busy_ms = options.busy_timeout.as_millis();
+            pool_options = pool_options.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    // Per-connection settings, so they are set on every connection the pool opens:
+                    // - synchronous=FULL: in WAL mode a commit is acknowledged only after the WAL is fsynced,
+                    //   so it survives power loss (NORMAL would only survive a process crash);
+                    // - fullfsync: on macOS plain fsync does not flush the drive cache (no effect elsewhere);
+                    // - foreign_keys: SQLite enforces them only when asked, per connection;
+                    // - busy_timeout: the server and the CLI open the same file; wait for each other's locks.
+                    for pragma in [
+                        "PRAGMA synchronous = FULL",
+                        "PRAGMA fullfsync = ON",
+                        "PRAGMA checkpoint_fullfsync = ON",
+                        "PRAGMA foreign_keys = ON",
+                    ] {
+                        conn.execute(pragma).await?;
+                    }
+                    conn.execute(AssertSqlSafe(format!("PRAGMA busy_timeout = {busy_ms}"))).await?;
+                    Ok(())
+                })
+            });
+        }
+
+        let pool = pool_options.connect(target.any_url()).await.map_err(db)?;
+        if let Target::SqliteFile { .. } = &target {
+            enable_wal(&pool, options.busy_timeout).await?;
+        }
+        migrate::run(&pool, dialect).await?;
+        if let Target::SqliteFile { path, .. } = &target {
+            sync_parent_dir(path).await?;
+        }
+        let write_lock = (dialect == Dialect::Sqlite).then(|| Mutex::new(()));
+        Ok(SqlStore { pool, dialect, write_lock })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes the pool, waiting for connections in use to come back. Later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin_write(&self) -> Result<WriteTx<'_>> {
+        let slot = match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let mut tx = self.pool.begin_with(self.dialect.begin_write_sql()).await.map_err(db)?;
+        if let Some(lock) = self.dialect.writer_lock_sql() {
+            sqlx::query(lock).bind(WRITER_LOCK_KEY).execute(&mut *tx).await.map_err(db)?;
+        }
+        Ok(WriteTx { tx, _slot: slot })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+}
+
+/// WAL lets readers (the server) proceed while a writer (the CLI) commits, and with `synchronous=FULL` it is
+/// durable. The mode is stored in the file, so it is set once here rather than on every connection.
+async fn enable_wal(pool: &AnyPool, busy_timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + busy_timeout;
+    loop {
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.map_err(db)?;
+        if mode.eq_ignore_ascii_case("wal") {
+            return Ok(());
+        }
+        // Switching needs an exclusive lock that SQLite does not wait for with the busy timeout, so a
+        // concurrent opener of a fresh file retries here.
+        match sqlx::query_scalar::<_, String>("PRAGMA journal_mode = WAL").fetch_one(pool).await {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(_) => {
+                return Err(Error::new(ErrorKind::StorageFailure, "the sqlite file cannot use write-ahead logging"));
+            }
+            Err(e) => {
+                let mapped = db(e);
+                if mapped.kind() != ErrorKind::DependencyTimeout || tokio::time::Instant::now() >= deadline {
+                    return Err(mapped);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// fsync of a file does not make a new directory entry durable on every filesystem: sync the directory once
+/// the database file exists, so a freshly created store does not vanish on power loss. (SQLite syncs the
+/// directory itself when it creates WAL files.)
+async fn sync_parent_dir(path: &Path) -> Result<()> {
+    let Some(dir) = path.parent().map(Path::to_path_buf) else { return Ok(()) };
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+        .await
+        .map_err(Error::storage)?
+        .map_err(Error::storage)
+}
+
+fn key_from_row(row: &AnyRow) -> Result<Key> {
+    let revision: i64 = row.try_get("revision").map_err(db)?;
+    let doc: String = row.try_get("doc").map_err(db)?;
+    let mut key: Key = serde_json::from_str(&doc).map_err(|e| {
+        // serde's message can quote document content (wrapped key material); keep only its position.
+        Error::storage(format!(
+            "a stored key document does not parse ({:?} at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    key.revision = revision;
+    Ok(key)
+}
+
+fn key_doc(key: &Key) -> Result<String> {
+    serde_json::to_string(key).map_err(|_| Error::internal("a key cannot be serialized"))
+}
+
+fn alias_from_row(tenant: &TenantId, row: &AnyRow) -> Result<AliasEntry> {
+    let name: String = row.try_get("name").map_err(db)?;
+    let key_id: String = row.try_get("key_id").map_err(db)?;
+    Ok(AliasEntry {
+        tenant: tenant.clone(),
+        alias: AliasName::parse(&name).map_err(Error::storage)?,
+        key_id: KeyId::parse(&key_id).map_err(Error::storage)?,
+        created_at: Timestamp(row.try_get("created_at").map_err(db)?),
+        updated_at: Timestamp(row.try_get("updated_at").map_err(db)?),
+    })
+}
+
+fn tenant_from_row(row: &AnyRow) -> Result<Tenant> {
+    let id: String = row.try_get("id").map_err(db)?;
+    Ok(Tenant {
+        id: TenantId::parse(&id).map_err(Error::storage)?,
+        display_name: row.try_get("display_name").map_err(db)?,
+        created_at: Timestamp(row.try_get("created_at").map_err(db)?),
+    })
+}
+
+/// Appends one change-feed entry; callers do it inside the transaction of the change it announces.
+async fn append_change(
+    conn: &mut AnyConnection,
+    tenant: &TenantId,
+    kind: ChangeKind,
+    id: &str,
+    at: Timestamp,
+) -> Result<i64> {
+    sqlx::query_scalar("INSERT INTO changes (tenant, kind, id, at) VALUES ($1, $2, $3, $4) RETURNING seq")
+        .bind(tenant.as_str())
+        .bind(kind.as_str())
+        .bind(id)
+        .bind(at.0)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
+}
+
+async fn key_exists(conn: &mut AnyConnection, tenant: &TenantId, id: &KeyId) -> Result<bool> {
+    let row = sqlx::query("SELECT 1 AS present FROM keys WHERE tenant = $1 AND id = $2")
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await
+        .map_err(db)?;
+    Ok(row.is_some())
+}
+
+fn alias_not_found() -> Error {
+    Error::new(ErrorKind::AliasNotFound, "the alias does not exist")
+}
+
+/// SQL `LIMIT` for a page: one more row than asked tells whether another page follows.
+fn page_fetch_limit(page: &PageRequest) -> i64 {
+    i64::from(page.effective_limit()) + 1
+}
+
+fn into_page<T>(mut items: Vec<T>, page: &PageRequest, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let limit = usize::try_from(page.effective_limit()).unwrap_or(usize::MAX);
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = if more { items.last().map(cursor) } else { None };
+    Page { items, next }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1 AS one").fetch_one(&self.pool).await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn ensure_tenant(&self, tenant: &Tenant) -> Result<bool> {
+        let mut w = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tenants (id, display_name, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(tenant.id.as_str())
+        .bind(tenant.display_name.as_str())
+        .bind(tenant.created_at.0)
+        .execute(w.conn())
+        .await
+        .map_err(db)?
+        .rows_affected()
+            > 0;
+        if !inserted {
+            w.rollback().await?;
+            return Ok(false);
+        }
+        append_change(w.conn(), &tenant.id, ChangeKind::Tenant, tenant.id.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT id, display_name, created_at FROM tenants WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query("SELECT id, display_name, created_at FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn create_key(&self, key: &Key, aliases: &[AliasName]) -> Result<Key> {
+        // Revisions start at 1 in the store, whatever the caller passed.
+        let mut stored = key.clone();
+        stored.revision = 1;
+        let doc = key_doc(&stored)?;
+        let now = Timestamp::now();
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO keys (tenant, id, revision, state, deletion_at, created_at, updated_at, doc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(stored.tenant.as_str())
+        .bind(stored.id.as_str())
+        .bind(stored.revision)
+        .bind(stored.state.as_str())
+        .bind(stored.deletion_at.map(|t| t.0))
+        .bind(stored.created_at.0)
+        .bind(stored.updated_at.0)
+        .bind(doc)
+        .execute(w.conn())
+        .await
+        .map_err(unique("a key with that id already exists"))?;
+        for alias in aliases {
+            insert_alias(w.conn(), &stored.tenant, alias, &stored.id, now).await?;
+        }
+        append_change(w.conn(), &stored.tenant, ChangeKind::Key, stored.id.as_str(), now).await?;
+        for alias in aliases {
+            append_change(w.conn(), &stored.tenant, ChangeKind::Alias, alias.as_str(), now).await?;
+        }
+        w.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_key(&self, tenant: &TenantId, id: &KeyId) -> Result<Option<Key>> {
+        let row = sqlx::query("SELECT revision, doc FROM keys WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Key>> {
+        // Ids are never empty, so "" is before every id and stands for "from the start".
+        let after = page.after.as_deref().unwrap_or("");
+        let rows = sqlx::query("SELECT revision, doc FROM keys WHERE tenant = $1 AND id > $2 ORDER BY id LIMIT $3")
+            .bind(tenant.as_str())
+            .bind(after)
+            .bind(page_fetch_limit(page))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(into_page(keys, page, |k| k.id.to_string()))
+    }
+
+    async fn update_key(&self, key: &Key) -> Result<Option<Key>> {
+        let mut stored = key.clone();
+        stored.revision = key.revision.checked_add(1).ok_or_else(|| Error::internal("key revision overflow"))?;
+        let doc = key_doc(&stored)?;
+        let mut w = self.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE keys SET revision = $3, state = $4, deletion_at = $5, updated_at = $6, doc = $7
+             WHERE tenant = $1 AND id = $2 AND revision = $8",
+        )
+        .bind(stored.tenant.as_str())
+        .bind(stored.id.as_str())
+        .bind(stored.revision)
+        .bind(stored.state.as_str())
+        .bind(stored.deletion_at.map(|t| t.0))
+        .bind(stored.updated_at.0)
+        .bind(doc)
+        .bind(key.revision)
+        .execute(w.conn())
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if updated == 0 {
+            // Lost the race or the key is gone: the caller reloads.
+            w.rollback().await?;
+            return Ok(None);
+        }
+        append_change(w.conn(), &stored.tenant, ChangeKind::Key, stored.id.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(Some(stored))
+    }
+
+    async fn delete_key(&self, tenant: &TenantId, id: &KeyId) -> Result<bool> {
+        let mut w = self.begin_write().await?;
+        let aliases: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM aliases WHERE tenant = $1 AND key_id = $2 ORDER BY name")
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_all(w.conn())
+                .await
+                .map_err(db)?;
+        // Explicit rather than relying on ON DELETE CASCADE alone: the removed names go to the change feed.
+        sqlx::query("DELETE FROM aliases WHERE tenant = $1 AND key_id = $2")
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .execute(w.conn())
+            .await
+            .map_err(db)?;
+        let deleted = sqlx::query("DELETE FROM keys WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .execute(w.conn())
+            .await
+            .map_err(db)?
+            .rows_affected()
+            > 0;
+        if !deleted {
+            w.rollback().await?;
+            return Ok(false);
+        }
+        let now = Timestamp::now();
+        append_change(w.conn(), tenant, ChangeKind::Key, id.as_str(), now).await?;
+        for alias in &aliases {
+            append_change(w.conn(), tenant, ChangeKind::Alias, alias, now).await?;
+        }
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn keys_due_for_deletion(&self, now: Timestamp, limit: u32) -> Result<Vec<Key>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The state literal matches the partial index's predicate, so the planner can use it.
+        let rows = sqlx::query(
+            "SELECT revision, doc FROM keys WHERE state = 'PendingDeletion' AND deletion_at <= $1
+             ORDER BY deletion_at, tenant, id LIMIT $2",
+        )
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn count_keys(&self, tenant: &TenantId) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys WHERE tenant = $1")
+            .bind(tenant.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        u64::try_from(n).map_err(Error::storage)
+    }
+
+    async fn create_alias(&self, tenant: &TenantId, alias: &AliasName, key: &KeyId) -> Result<AliasEntry> {
+        let now = Timestamp::now();
+        let mut w = self.begin_write().await?;
+        if !key_exists(w.conn(), tenant, key).await? {
+            return Err(Error::key_not_found());
+        }
+        insert_alias(w.conn(), tenant, alias, key, now).await?;
+        append_change(w.conn(), tenant, ChangeKind::Alias, alias.as_str(), now).await?;
+        w.commit().await?;
+        Ok(AliasEntry {
+            tenant: tenant.clone(),
+            alias: alias.clone(),
+            key_id: key.clone(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    async fn update_alias(&self, tenant: &TenantId, alias: &AliasName, key: &KeyId) -> Result<AliasEntry> {
+        let now = Timestamp::now();
+        let mut w = self.begin_write().await?;
+        let created_at: Option<i64> =
+            sqlx::query_scalar("SELECT created_at FROM aliases WHERE tenant = $1 AND name = $2")
+                .bind(tenant.as_str())
+                .bind(alias.as_str())
+                .fetch_optional(w.conn())
+                .await
+                .map_err(db)?;
+        let Some(created_at) = created_at else {
+            return Err(alias_not_found());
+        };
+        if !key_exists(w.conn(), tenant, key).await? {
+            return Err(Error::key_not_found());
+        }
+        sqlx::query("UPDATE aliases SET key_id = $3, updated_at = $4 WHERE tenant = $1 AND name = $2")
+            .bind(tenant.as_str())
+            .bind(alias.as_str())
+            .bind(key.as_str())
+            .bind(now.0)
+            .execute(w.conn())
+            .await
+            .map_err(|e| if is_foreign_key_violation(&e) { Error::key_not_found() } else { db(e) })?;
+        append_change(w.conn(), tenant, ChangeKind::Alias, alias.as_str(), now).await?;
+        w.commit().await?;
+        Ok(AliasEntry {
+            tenant: tenant.clone(),
+            alias: alias.clone(),
+            key_id: key.clone(),
+            created_at: Timestamp(created_at),
+            updated_at: now,
+        })
+    }
+
+    async fn delete_alias(&self, tenant: &TenantId, alias: &AliasName) -> Result<bool> {
+        let mut w = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM aliases WHERE tenant = $1 AND name = $2")
+            .bind(tenant.as_str())
+            .bind(alias.as_str())
+            .execute(w.conn())
+            .await
+            .map_err(db)?
+            .rows_affected()
+            > 0;
+        if !deleted {
+            w.rollback().await?;
+            return Ok(false);
+        }
+        append_change(w.conn(), tenant, ChangeKind::Alias, alias.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_alias(&self, tenant: &TenantId, alias: &AliasName) -> Result<Option<AliasEntry>> {
+        let row =
+            sqlx::query("SELECT name, key_id, created_at, updated_at FROM aliases WHERE tenant = $1 AND name = $2")
+                .bind(tenant.as_str())
+                .bind(alias.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        row.map(|r| alias_from_row(tenant, &r)).transpose()
+    }
+
+    async fn list_aliases(
+        &self,
+        tenant: &TenantId,
+        key: Option<&KeyId>,
+        page: &PageRequest,
+    ) -> Result<Page<AliasEntry>> {
+        let after = page.after.as_deref().unwrap_or("");
+        let rows = match key {
+            Some(key) => {
+                sqlx::query(
+                    "SELECT name, key_id, created_at, updated_at FROM aliases
+                     WHERE tenant = $1 AND key_id = $2 AND name > $3 ORDER BY name LIMIT $4",
+                )
+                .bind(tenant.as_str())
+                .bind(key.as_str())
+                .bind(after)
+                .bind(page_fetch_limit(page))
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(
+                    "SELECT name, key_id, created_at, updated_at FROM aliases
+                     WHERE tenant = $1 AND name > $2 ORDER BY name LIMIT $3",
+                )
+                .bind(tenant.as_str())
+                .bind(after)
+                .bind(page_fetch_limit(page))
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(db)?;
+        let entries = rows.iter().map(|r| alias_from_row(tenant, r)).collect::<Result<Vec<_>>>()?;
+        Ok(into_page(entries, page, |a| a.alias.to_string()))
+    }
+
+    async fn record_change(&self, tenant: &TenantId, kind: ChangeKind, id: &str) -> Result<i64> {
+        let mut w = self.begin_write().await?;
+        let seq = append_change(w.conn(), tenant, kind, id, Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(seq)
+    }
+
+    async fn changes_since(&self, after: i64, limit: u32) -> Result<Vec<Change>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut after = after;
+        loop {
+            let rows =
+                sqlx::query("SELECT seq, tenant, kind, id, at FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+            let mut changes = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let seq: i64 = row.try_get("seq").map_err(db)?;
+                after = seq;
+                let kind: String = row.try_get("kind").map_err(db)?;
+                let Some(kind) = ChangeKind::parse(&kind) else {
+                    // Written by a newer kmsgate during a rolling upgrade: this build has nothing to invalidate
+                    // for it, and failing would stop this replica from following the feed at all.
+                    tracing::warn!(seq, kind, "skipping a change-feed entry of an unknown kind");
+                    continue;
+                };
+                let tenant: String = row.try_get("tenant").map_err(db)?;
+                changes.push(Change {
+                    seq,
+                    tenant: TenantId::parse(&tenant).map_err(Error::storage)?,
+                    kind,
+                    id: row.try_get("id").map_err(db)?,
+                    at: Timestamp(row.try_get("at").map_err(db)?),
+                });
+            }
+            // A full batch of skipped entries must not read as "caught up": followers stop at an empty
+            // answer and would never see what comes after it. Read on past them.
+            let full = u32::try_from(rows.len()).is_ok_and(|n| n >= limit);
+            if !changes.is_empty() || !full {
+                return Ok(changes);
+            }
+        }
+    }
+
+    async fn latest_change(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) AS latest FROM changes")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+}
+
+async fn insert_alias(
+    conn: &mut AnyConnection,
+    tenant: &TenantId,
+    alias: &AliasName,
+    key: &KeyId,
+    now: Timestamp,
+) -> Result<()> {
+    sqlx::query("INSERT INTO aliases (tenant, name, key_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)")
+        .bind(tenant.as_str())
+        .bind(alias.as_str())
+        .bind(key.as_str())
+        .bind(now.0)
+        .execute(conn)
+        .await
+        .map_err(|e| {
+            if is_foreign_key_violation(&e) {
+                Error::key_not_found()
+            } else {
+                unique("an alias of that name already exists")(e)
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+// Tests report failures by panicking; `expect` names what failed.
+#[allow(clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use kmsgate_core::{ErrorKind, Store, TenantId};
+
+    use super::*;
+    use crate::migrate::{MIGRATIONS, Migration};
+    use crate::testsuite::{key_id, sample_key, tenant};
+
+    fn temp_url(dir: &tempfile::TempDir) -> String {
+        format!("sqlite://{}/kms.db", dir.path().display())
+    }
+
+    async fn open_file(url: &str, busy: Duration) -> SqlStore {
+        SqlStore::open_with(url, StoreOptions::default().busy_timeout(busy)).await.expect("open")
+    }
+
+    #[tokio::test]
+    async fn every_pooled_sqlite_connection_is_durable_and_enforces_foreign_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_file(&temp_url(&dir), Duration::from_millis(1234)).await;
+        // Several connections at once, so the pool has to open more than one.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(store.pool().acquire().await.expect("acquire"));
+        }
+        for conn in &mut conns {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut **conn).await.expect("pragma");
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut **conn).await.expect("pragma");
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(&mut **conn).await.expect("pragma");
+            assert_eq!(fk, 1);
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut **conn).await.expect("pragma");
+            assert_eq!(busy, 1234);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_pool_is_a_dependency_timeout() {
+        let opts = StoreOptions::default().acquire_timeout(Duration::from_millis(100));
+        let store = SqlStore::open_with("sqlite::memory:", opts).await.expect("open");
+        let held = store.pool().acquire().await.expect("the only connection");
+        let err = store.get_key(&tenant("acme"), &key_id("k")).await.expect_err("no connection is free");
+        assert_eq!(err.kind(), ErrorKind::DependencyTimeout);
+        drop(held);
+        assert_eq!(store.get_key(&tenant("acme"), &key_id("k")).await.expect("free again"), None);
+    }
+
+    #[tokio::test]
+    async fn a_writer_in_another_process_beyond_the_busy_timeout_is_a_dependency_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = temp_url(&dir);
+        // Two pools stand for two processes: the in-process writer queue does not span them.
+        let a = open_file(&url, Duration::from_millis(100)).await;
+        let b = open_file(&url, Duration::from_millis(100)).await;
+        let held = a.begin_write().await.expect("a holds the write lock");
+        let err = b.create_key(&sample_key("acme", "k"), &[]).await.expect_err("b cannot write");
+        assert_eq!(err.kind(), ErrorKind::DependencyTimeout);
+        assert_eq!(b.get_key(&tenant("acme"), &key_id("k")).await.expect("readers are not blocked"), None);
+        drop(held);
+        b.create_key(&sample_key("acme", "k"), &[]).await.expect("b writes once a is done");
+    }
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_record_each_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = temp_url(&dir);
+        let store = SqlStore::open(&url).await.expect("open");
+        assert!(migrate::run(store.pool(), Dialect::Sqlite).await.expect("rerun").is_empty());
+        store.close().await;
+        let store = SqlStore::open(&url).await.expect("reopen");
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(store.pool())
+            .await
+            .expect("versions");
+        assert_eq!(versions, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_leaves_the_schema_unchanged() {
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        let mut steps: Vec<Migration> = MIGRATIONS.to_vec();
+        steps.push(Migration {
+            version: 1000,
+            name: "broken",
+            sqlite: &["CREATE TABLE extra (x INTEGER)", "THIS IS NOT SQL"],
+            postgres: &["THIS IS NOT SQL"],
+        });
+        let err = migrate::run_steps(store.pool(), Dialect::Sqlite, &steps).await.expect_err("a broken step fails");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        let extra: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'extra'")
+            .fetch_one(store.pool())
+            .await
+            .expect("query");
+        assert_eq!(extra, 0, "the step's first statement was rolled back");
+        let latest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+            .fetch_one(store.pool())
+            .await
+            .expect("query");
+        assert_eq!(latest, 1);
+        store.ping().await.expect("the store still works");
+    }
+
+    #[tokio::test]
+    async fn a_newer_or_edited_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = temp_url(&dir);
+        let store = SqlStore::open(&url).await.expect("open");
+        sqlx::query("INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (999, 'future', 0, 0)")
+            .execute(store.pool())
+            .await
+            .expect("insert");
+        store.close().await;
+        let err = SqlStore::open(&url).await.expect_err("newer schema");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        assert!(err.message().contains("newer"), "{}", err.message());
+
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        sqlx::query("UPDATE schema_migrations SET checksum = checksum + 1 WHERE version = 1")
+            .execute(store.pool())
+            .await
+            .expect("tamper");
+        let err = migrate::run(store.pool(), Dialect::Sqlite).await.expect_err("edited step");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_document_is_a_storage_failure_that_does_not_leak_it() {
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        store.create_key(&sample_key("acme", "k"), &[]).await.expect("create");
+        sqlx::query("UPDATE keys SET doc = '{\"id\": \"k\", \"handle\": \"wrapped-secret-material\"'")
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+        let err = store.get_key(&tenant("acme"), &key_id("k")).await.expect_err("corrupt doc");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        assert_eq!(err.message(), "the store failed");
+        assert!(!format!("{err:?}").contains("wrapped-secret-material"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn unknown_change_kinds_from_newer_builds_are_skipped() {
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        let t = TenantId::parse("acme").expect("tenant");
+        let first = store.record_change(&t, ChangeKind::Key, "a").await.expect("record");
+        sqlx::query("INSERT INTO changes (tenant, kind, id, at) VALUES ('acme', 'gadget', 'x', 0)")
+            .execute(store.pool())
+            .await
+            .expect("insert");
+        let last = store.record_change(&t, ChangeKind::Alias, "alias/b").await.expect("record");
+        let seqs: Vec<i64> = store.changes_since(0, 10).await.expect("changes").iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, vec![first, last]);
+        // A batch made only of unknown entries is read past, not reported as the end of the feed.
+        let after_first: Vec<i64> =
+            store.changes_since(first, 1).await.expect("changes").iter().map(|c| c.seq).collect();
+        assert_eq!(after_first, vec![last]);
+        assert_eq!(store.latest_change().await.expect("latest"), last);
+    }
+}
