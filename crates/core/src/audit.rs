@@ -36,6 +36,8 @@ pub enum Operation {
     VerifyHmac,
     Health,
     PurgeKey,
+    PutDocument,
+    DeleteDocument,
 }
 
 impl Operation {
@@ -65,6 +67,8 @@ impl Operation {
             Operation::VerifyHmac => "VerifyHmac",
             Operation::Health => "Health",
             Operation::PurgeKey => "PurgeKey",
+            Operation::PutDocument => "PutDocument",
+            Operation::DeleteDocument => "DeleteDocument",
         }
     }
 
@@ -83,6 +87,8 @@ impl Operation {
                 | Operation::UpdateAlias
                 | Operation::DeleteAlias
                 | Operation::PurgeKey
+                | Operation::PutDocument
+                | Operation::DeleteDocument
         )
     }
 }

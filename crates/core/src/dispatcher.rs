@@ -23,7 +23,7 @@ use crate::model::{
     PageRequest, Tenant, TenantId, Timestamp,
 };
 use crate::policy::{Authorizer, RateLimiter};
-use crate::store::{AliasEntry, ChangeKind, Store};
+use crate::store::{AliasEntry, Change, ChangeKind, Document, Precondition, Replica, Store};
 
 /// Tunables of the dispatcher; the server fills them from configuration.
 #[derive(Debug, Clone)]
@@ -217,6 +217,7 @@ impl Backends {
 }
 
 type KeyCacheKey = (TenantId, KeyId);
+type DocCacheKey = (String, String);
 type AliasCacheKey = (TenantId, AliasName);
 
 struct Inner {
@@ -228,6 +229,13 @@ struct Inner {
     config: DispatcherConfig,
     keys: Cache<KeyCacheKey, Arc<Key>>,
     aliases: Cache<AliasCacheKey, KeyId>,
+    /// Documents found, by (kind, id); invalidated by the change feed.
+    documents: Cache<DocCacheKey, Arc<Document>>,
+    /// Documents not found, briefly: unknown credential ids must not cost a store round trip each, yet a
+    /// document created in another process must become visible quickly.
+    missing_documents: Cache<DocCacheKey, ()>,
+    /// Every applied change, for frontends that keep caches of their own.
+    change_tx: tokio::sync::broadcast::Sender<Change>,
     /// Highest change-feed sequence number this process has applied.
     change_cursor: AtomicI64,
 }
@@ -296,6 +304,12 @@ impl DispatcherBuilder {
         let inner = Inner {
             keys: Cache::builder().max_capacity(cfg.cache_capacity).time_to_live(cfg.cache_ttl).build(),
             aliases: Cache::builder().max_capacity(cfg.cache_capacity).time_to_live(cfg.cache_ttl).build(),
+            documents: Cache::builder().max_capacity(cfg.cache_capacity).time_to_live(cfg.cache_ttl).build(),
+            missing_documents: Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
+            change_tx: tokio::sync::broadcast::channel(1024).0,
             change_cursor: AtomicI64::new(cursor),
             store: self.store,
             backends: self.backends,
@@ -478,9 +492,16 @@ impl Dispatcher {
                             self.invalidate_alias(&c.tenant, &a).await;
                         }
                     }
+                    ChangeKind::Document => {
+                        if let Some((kind, id)) = c.id.split_once('/') {
+                            self.invalidate_document(kind, id).await;
+                        }
+                    }
                     _ => {}
                 }
                 self.inner.change_cursor.fetch_max(c.seq, Ordering::AcqRel);
+                // No receiver is fine; a lagging one resynchronises from its own cache expiry.
+                let _ = self.inner.change_tx.send(c.clone());
             }
             applied += changes.len();
         }
@@ -489,6 +510,158 @@ impl Dispatcher {
     /// The sequence number of the last change applied.
     pub fn change_cursor(&self) -> i64 {
         self.inner.change_cursor.load(Ordering::Acquire)
+    }
+
+    /// Every change this process applies from the feed (its own and other processes'), for frontend caches.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.inner.change_tx.subscribe()
+    }
+
+    // ---- documents and replicas ------------------------------------------------------------------------
+
+    async fn invalidate_document(&self, kind: &str, id: &str) {
+        let k = (kind.to_owned(), id.to_owned());
+        self.inner.documents.invalidate(&k).await;
+        self.inner.missing_documents.invalidate(&k).await;
+    }
+
+    /// A document through the cache: the hot-path lookup of credentials and frontend configuration. Not
+    /// audited (it is part of authenticating a request, which the request's own operation audits).
+    pub async fn document(&self, kind: &str, id: &str) -> Result<Option<Arc<Document>>> {
+        let k = (kind.to_owned(), id.to_owned());
+        if let Some(d) = self.inner.documents.get(&k).await {
+            return Ok(Some(d));
+        }
+        if self.inner.missing_documents.contains_key(&k) {
+            return Ok(None);
+        }
+        match self.store_call(self.inner.store.get_document(kind, id)).await? {
+            Some(d) => {
+                let d = Arc::new(d);
+                self.inner.documents.insert(k, d.clone()).await;
+                Ok(Some(d))
+            }
+            None => {
+                self.inner.missing_documents.insert(k, ()).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes a document (admin change, audited).
+    pub async fn put_document(&self, caller: &Caller, doc: Document, pre: Precondition) -> Result<Option<Document>> {
+        self.run(caller, Operation::PutDocument, Some(doc.change_id()), async {
+            let stored = self.store_call(self.inner.store.put_document(&doc, pre)).await?;
+            self.invalidate_document(&doc.kind, &doc.id).await;
+            Ok(stored)
+        })
+        .await
+    }
+
+    /// Deletes a document (admin change, audited); returns whether it existed.
+    pub async fn delete_document(&self, caller: &Caller, kind: &str, id: &str) -> Result<bool> {
+        self.run(caller, Operation::DeleteDocument, Some(format!("{kind}/{id}")), async {
+            let existed = self.store_call(self.inner.store.delete_document(kind, id)).await?;
+            self.invalidate_document(kind, id).await;
+            Ok(existed)
+        })
+        .await
+    }
+
+    /// Documents of a kind straight from the store (admin listings).
+    pub async fn list_documents(
+        &self,
+        kind: &str,
+        tenant: Option<&TenantId>,
+        page: &PageRequest,
+    ) -> Result<Page<Document>> {
+        self.store_call(self.inner.store.list_documents(kind, tenant, page)).await
+    }
+
+    /// Records that this replica is alive.
+    pub async fn heartbeat(&self, replica: &str, info: &serde_json::Value) -> Result<()> {
+        self.store_call(self.inner.store.heartbeat(replica, info)).await
+    }
+
+    /// Replicas seen within `window`.
+    pub async fn live_replicas(&self, window: Duration) -> Result<Vec<Replica>> {
+        let ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let since = Timestamp(Timestamp::now().0.saturating_sub(ms));
+        self.store_call(self.inner.store.live_replicas(since)).await
+    }
+
+    /// Drops change-feed entries older than `retention`.
+    pub async fn prune_changes(&self, retention: Duration) -> Result<u64> {
+        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        self.store_call(self.inner.store.prune_changes(Timestamp(Timestamp::now().0.saturating_sub(ms)))).await
+    }
+
+    // ---- sealing of stored credentials -----------------------------------------------------------------
+
+    /// The alias of each tenant's internal sealing key.
+    pub const SEALING_ALIAS: &'static str = "alias/kmsgate-internal/sealing";
+
+    async fn sealing_key(&self, caller: &Caller) -> Result<Arc<Key>> {
+        let alias = AliasName::parse(Self::SEALING_ALIAS)?;
+        let by_alias = KeyRef::Alias(alias.clone());
+        match self.resolve(&caller.tenant, &by_alias).await {
+            Ok(k) => return Ok(k),
+            Err(e) if e.kind() != ErrorKind::KeyNotFound => return Err(e),
+            Err(_) => {}
+        }
+        let mut req = CreateKeyRequest::new(KeySpec::Aes256);
+        req.description = "kmsgate internal: seals stored credentials (SigV4 and HMAC secrets); never delete".into();
+        req.aliases = vec![alias];
+        match self.create_key(caller, req).await {
+            Ok(_) => {}
+            // Another replica created it first: use theirs.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        self.invalidate_alias(&caller.tenant, &AliasName::parse(Self::SEALING_ALIAS)?).await;
+        self.resolve(&caller.tenant, &by_alias).await
+    }
+
+    /// Encrypts a credential secret under the tenant's internal sealing key (created on first use) for
+    /// storage. `purpose` (e.g. `xks.credential/AKID`) is bound as AAD, so a sealed value cannot be moved to
+    /// another record. Format: `0x01 | version uuid (16) | iv (12) | ciphertext | tag (16)`.
+    pub async fn seal(&self, caller: &Caller, purpose: &str, secret: &[u8]) -> Result<Vec<u8>> {
+        let key = self.sealing_key(caller).await?;
+        let req = EncryptRequest {
+            key: KeyRef::Id(key.id.clone()),
+            algorithm: Some(EncryptionAlgorithm::AesGcm),
+            plaintext: Zeroizing::new(secret.to_vec()),
+            aad: purpose.as_bytes().to_vec(),
+            iv: None,
+        };
+        let r = self.encrypt_inner(caller, &req).await?;
+        let mut out = Vec::with_capacity(1 + 16 + r.iv.len() + r.ciphertext.len() + r.tag.len());
+        out.push(1);
+        out.extend_from_slice(r.version.as_bytes());
+        out.extend_from_slice(&r.iv);
+        out.extend_from_slice(&r.ciphertext);
+        out.extend_from_slice(&r.tag);
+        Ok(out)
+    }
+
+    /// Reverses [`Dispatcher::seal`]; anything tampered, or sealed for another purpose or tenant, is
+    /// `InvalidCiphertext`.
+    pub async fn unseal(&self, caller: &Caller, purpose: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        if sealed.len() < 1 + 16 + GCM_IV_LEN + GCM_TAG_LEN || sealed[0] != 1 {
+            return Err(Error::invalid_ciphertext());
+        }
+        let version = Uuid::from_slice(&sealed[1..17]).map_err(|_| Error::invalid_ciphertext())?;
+        let iv = sealed[17..17 + GCM_IV_LEN].to_vec();
+        let body = &sealed[17 + GCM_IV_LEN..];
+        let (ct, tag) = body.split_at(body.len() - GCM_TAG_LEN);
+        let key = self.resolve(&caller.tenant, &KeyRef::Alias(AliasName::parse(Self::SEALING_ALIAS)?)).await?;
+        Self::require_state(&key)?;
+        let v = Self::version_of(&key, Some(version))?;
+        let backend = self.inner.backends.get(&v.handle.backend)?;
+        let mut ct_tag = Vec::with_capacity(body.len());
+        ct_tag.extend_from_slice(ct);
+        ct_tag.extend_from_slice(tag);
+        self.backend_call(backend.aes_gcm_decrypt(Self::material(&key, v), &iv, purpose.as_bytes(), &ct_tag)).await
     }
 
     // ---- checks ----------------------------------------------------------------------------------------
@@ -809,20 +982,28 @@ impl Dispatcher {
     }
 
     /// Destroys keys whose deletion window has passed. Returns the ids purged.
+    ///
+    /// The row goes first, conditional on the revision that was found due: a deletion cancelled meanwhile is
+    /// never purged, and material is destroyed only once nothing can reference it any more.
     pub async fn purge_due_keys(&self, caller: &Caller) -> Result<Vec<KeyId>> {
         let due = self.store_call(self.inner.store.keys_due_for_deletion(Timestamp::now(), 100)).await?;
         let mut purged = Vec::new();
         for key in due {
             let done = self
                 .run(caller, Operation::PurgeKey, Some(key.id.to_string()), async {
+                    if !self.store_call(self.inner.store.delete_key(&key.tenant, &key.id, key.revision)).await? {
+                        return Ok(false);
+                    }
                     for v in &key.versions {
                         if let Ok(backend) = self.inner.backends.get(&v.handle.backend)
                             && !v.handle.handle.is_empty()
+                            && let Err(e) = self.backend_call(backend.destroy(Self::material(&key, v))).await
                         {
-                            self.backend_call(backend.destroy(Self::material(&key, v))).await?;
+                            // The key is gone from the inventory; an HSM object left behind is unreachable.
+                            tracing::warn!(key = %key.id, version = %v.id, error = %e, "could not destroy key material");
                         }
                     }
-                    self.store_call(self.inner.store.delete_key(&key.tenant, &key.id)).await
+                    Ok(true)
                 })
                 .await;
             self.invalidate_key(&key.tenant, &key.id).await;

@@ -36,6 +36,16 @@ pub enum ErrorKind {
     InvalidKeyState(KeyState),
     /// The key's usage set does not allow the operation.
     InvalidKeyUsage,
+    /// No secret at that path for the caller's tenant (soft-deleted secrets included).
+    SecretNotFound,
+    /// The secret exists but not the requested version (or version id, or stage).
+    SecretVersionNotFound,
+    /// A write to a path whose secret is soft-deleted and still recoverable.
+    SecretExists,
+    /// A compare-and-set precondition (`cas`, `If-Match`, expected revision) did not hold.
+    VersionConflict,
+    /// The secret's expiry has passed: its value is gone for readers, its metadata is not.
+    SecretExpired,
     /// Ciphertext, tag, IV or AAD did not authenticate, or the blob is malformed.
     InvalidCiphertext,
     /// Too many requests right now; retry after a while.
@@ -70,6 +80,11 @@ impl ErrorKind {
         ErrorKind::InvalidKeyState(KeyState::PendingDeletion),
         ErrorKind::InvalidKeyState(KeyState::PendingImport),
         ErrorKind::InvalidKeyUsage,
+        ErrorKind::SecretNotFound,
+        ErrorKind::SecretVersionNotFound,
+        ErrorKind::SecretExists,
+        ErrorKind::VersionConflict,
+        ErrorKind::SecretExpired,
         ErrorKind::InvalidCiphertext,
         ErrorKind::Throttled,
         ErrorKind::QuotaExceeded,
@@ -93,6 +108,11 @@ impl ErrorKind {
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::InvalidKeyState(_) => "invalid_key_state",
             ErrorKind::InvalidKeyUsage => "invalid_key_usage",
+            ErrorKind::SecretNotFound => "secret_not_found",
+            ErrorKind::SecretVersionNotFound => "secret_version_not_found",
+            ErrorKind::SecretExists => "secret_exists",
+            ErrorKind::VersionConflict => "version_conflict",
+            ErrorKind::SecretExpired => "secret_expired",
             ErrorKind::InvalidCiphertext => "invalid_ciphertext",
             ErrorKind::Throttled => "throttled",
             ErrorKind::QuotaExceeded => "quota_exceeded",

@@ -20,4 +20,4 @@ pub use model::{
     AliasName, BackendHandle, Caller, Frontend, Key, KeyId, KeyOrigin, KeyRef, KeySpec, KeyState, KeyUsage,
     KeyUsageSet, KeyVersion, Page, PageRequest, Tenant, TenantId, Timestamp,
 };
-pub use store::{AliasEntry, Change, ChangeKind, Store};
+pub use store::{AliasEntry, Change, ChangeKind, Document, Precondition, Replica, Store};

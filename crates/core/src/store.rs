@@ -31,6 +31,8 @@ pub enum ChangeKind {
     Token,
     Policy,
     Secret,
+    /// A document (see [`Document`]); the change's id is `<kind>/<document id>`.
+    Document,
 }
 
 impl ChangeKind {
@@ -43,6 +45,7 @@ impl ChangeKind {
             ChangeKind::Token => "token",
             ChangeKind::Policy => "policy",
             ChangeKind::Secret => "secret",
+            ChangeKind::Document => "document",
         }
     }
 
@@ -55,6 +58,7 @@ impl ChangeKind {
             "token" => ChangeKind::Token,
             "policy" => ChangeKind::Policy,
             "secret" => ChangeKind::Secret,
+            "document" => ChangeKind::Document,
             _ => return None,
         })
     }
@@ -70,6 +74,62 @@ pub struct Change {
     /// The id of what changed (key id, alias name, credential id...).
     pub id: String,
     pub at: Timestamp,
+}
+
+/// A small JSON record owned by a subsystem: XKS key stores and SigV4 credentials, Alibaba client keys and
+/// access keys, tokens, policies. Ids are unique within a kind across tenants (an access key id names exactly
+/// one credential), and the tenant is an attribute for listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    /// Namespace such as `xks.credential`: 1-64 of `a-z 0-9 . _ -`.
+    pub kind: String,
+    /// 1-256 printable ASCII characters.
+    pub id: String,
+    pub tenant: TenantId,
+    pub body: serde_json::Value,
+    /// Maintained by the store: 1 on insert, +1 on every write.
+    pub revision: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl Document {
+    pub fn new(kind: &str, id: &str, tenant: TenantId, body: serde_json::Value) -> Self {
+        let now = Timestamp::now();
+        Document {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            tenant,
+            body,
+            revision: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// The change-feed id of this document.
+    pub fn change_id(&self) -> String {
+        format!("{}/{}", self.kind, self.id)
+    }
+}
+
+/// What a document write expects to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Insert only: an existing document of that kind and id is `AlreadyExists`.
+    Absent,
+    /// Replace only if the stored revision is this one; otherwise the write returns `None`.
+    Revision(i64),
+    /// Insert or replace.
+    Any,
+}
+
+/// A live replica, as its heartbeat last recorded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: String,
+    pub info: serde_json::Value,
+    pub last_seen: Timestamp,
 }
 
 /// Durable state. Every write is durable once the call returns `Ok` (an acknowledged write survives a crash).
@@ -96,8 +156,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Replaces a key if its stored revision still equals `key.revision`; returns the stored key with the new
     /// revision, or `None` if another writer got there first (or the key is gone).
     async fn update_key(&self, key: &Key) -> Result<Option<Key>>;
-    /// Removes a key and its aliases for good; returns whether it existed.
-    async fn delete_key(&self, tenant: &TenantId, id: &KeyId) -> Result<bool>;
+    /// Removes a key and its aliases for good if its stored revision is still `revision` (so a deletion
+    /// cancelled meanwhile is never purged); returns whether it was removed.
+    async fn delete_key(&self, tenant: &TenantId, id: &KeyId, revision: i64) -> Result<bool>;
     /// Keys of every tenant pending deletion whose deletion time is at or before `now`.
     async fn keys_due_for_deletion(&self, now: Timestamp, limit: u32) -> Result<Vec<Key>>;
     /// Number of keys a tenant holds (quotas).
@@ -124,4 +185,23 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn changes_since(&self, after: i64, limit: u32) -> Result<Vec<Change>>;
     /// The highest sequence number in the feed (0 when empty).
     async fn latest_change(&self) -> Result<i64>;
+    /// Deletes feed entries older than `before` but always keeps the newest one (so sequence numbers never
+    /// restart); returns how many were removed. Followers further behind than the retention reload.
+    async fn prune_changes(&self, before: Timestamp) -> Result<u64>;
+
+    /// Writes a document under `precondition`; returns the stored document (new revision), or `None` when a
+    /// `Revision` precondition failed or the document is gone. Appends a `Document` change in the same
+    /// transaction.
+    async fn put_document(&self, doc: &Document, precondition: Precondition) -> Result<Option<Document>>;
+    async fn get_document(&self, kind: &str, id: &str) -> Result<Option<Document>>;
+    /// Documents of a kind ordered by id, optionally of one tenant; `after` is the last id of the previous page.
+    async fn list_documents(&self, kind: &str, tenant: Option<&TenantId>, page: &PageRequest)
+    -> Result<Page<Document>>;
+    /// Returns whether the document existed. Appends a `Document` change.
+    async fn delete_document(&self, kind: &str, id: &str) -> Result<bool>;
+
+    /// Records that replica `id` is alive (no change-feed entry: heartbeats are frequent).
+    async fn heartbeat(&self, id: &str, info: &serde_json::Value) -> Result<()>;
+    /// Replicas whose last heartbeat is at or after `since`.
+    async fn live_replicas(&self, since: Timestamp) -> Result<Vec<Replica>>;
 }

@@ -85,6 +85,11 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     Ok(())
 }
 
+/// How often a replica records that it is alive; `live_replicas` windows are a few of these.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How long change-feed entries are kept: far longer than any poll interval or cache TTL.
+const CHANGE_RETENTION: Duration = Duration::from_secs(3600);
+
 /// The change-feed follower (caches see other processes' changes) and the deletion sweeper.
 fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
     let d = app.dispatcher.clone();
@@ -101,6 +106,35 @@ fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
                     }
                 }
                 _ = stop1.changed() => return,
+            }
+        }
+    });
+    // Heartbeats: replicas sharing a store count each other (the XKS fleet size); the change feed is pruned
+    // by whichever replica gets there (idempotent).
+    let d = app.dispatcher.clone();
+    let replica = uuid::Uuid::new_v4().to_string();
+    let info = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "bind": app.config.server.bind.to_string(),
+        "started_at": kmsgate_core::Timestamp::now().to_rfc3339(),
+    });
+    let mut stop3 = stop.clone();
+    tokio::spawn(async move {
+        let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut prune = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = beat.tick() => {
+                    if let Err(e) = d.heartbeat(&replica, &info).await {
+                        tracing::warn!(error = %e, "heartbeat failed");
+                    }
+                }
+                _ = prune.tick() => match d.prune_changes(CHANGE_RETENTION).await {
+                    Ok(n) if n > 0 => tracing::debug!(removed = n, "pruned the change feed"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the change feed"),
+                },
+                _ = stop3.changed() => return,
             }
         }
     });

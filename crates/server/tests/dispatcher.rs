@@ -454,3 +454,63 @@ async fn restart_needs_the_same_root_key() {
     assert_eq!(err.kind(), ErrorKind::DependencyFailure);
     assert!(err.message().contains("root key"), "{}", err.message());
 }
+
+/// Sealed credentials: bound to purpose and tenant, tamper-evident, and the sealing key is created once.
+#[tokio::test]
+async fn seal_and_unseal_credentials() {
+    let env = Env::software().await;
+    let d = &env.dispatcher;
+    let c = &env.caller;
+    let sealed = d.seal(c, "xks.credential/AKID1", b"the secret").await.unwrap();
+    assert!(!sealed.windows(10).any(|w| w == b"the secret"), "no plaintext in the sealed form");
+    assert_eq!(d.unseal(c, "xks.credential/AKID1", &sealed).await.unwrap().as_slice(), b"the secret");
+    assert_eq!(kind(d.unseal(c, "xks.credential/AKID2", &sealed).await), ErrorKind::InvalidCiphertext, "other purpose");
+    let mut tampered = sealed.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert_eq!(kind(d.unseal(c, "xks.credential/AKID1", &tampered).await), ErrorKind::InvalidCiphertext);
+    assert_eq!(kind(d.unseal(c, "xks.credential/AKID1", &sealed[..10]).await), ErrorKind::InvalidCiphertext);
+    // One sealing key per tenant, reused; another tenant cannot open this tenant's sealed values.
+    d.seal(c, "p", b"x").await.unwrap();
+    let keys = d.list_keys(c, &PageRequest::first(10)).await.unwrap();
+    assert_eq!(keys.items.len(), 1);
+    let other = Caller::admin(TenantId::parse("other").unwrap());
+    d.ensure_tenant(&other.tenant).await.unwrap();
+    d.seal(&other, "p", b"x").await.unwrap();
+    assert!(d.unseal(&other, "xks.credential/AKID1", &sealed).await.is_err());
+}
+
+/// Documents are read through a cache that follows this process's writes at once and other processes'
+/// writes through the change feed; heartbeats count live replicas.
+#[tokio::test]
+async fn documents_and_heartbeats() {
+    use kmsgate_core::{Document, Precondition};
+    let env = Env::software().await;
+    let d = &env.dispatcher;
+    let c = &env.caller;
+    assert!(d.document("test.kind", "doc-1").await.unwrap().is_none());
+    let doc = Document::new("test.kind", "doc-1", c.tenant.clone(), serde_json::json!({"v": 1}));
+    let stored = d.put_document(c, doc.clone(), Precondition::Absent).await.unwrap().unwrap();
+    assert_eq!(stored.revision, 1);
+    assert_eq!(d.document("test.kind", "doc-1").await.unwrap().unwrap().body["v"], 1, "the miss was not kept");
+    assert_eq!(kind(d.put_document(c, doc.clone(), Precondition::Absent).await), ErrorKind::AlreadyExists);
+
+    // Another process changes it; this one sees it after reading the change feed.
+    let (other, _) = common::dispatcher_over(env.store.clone(), env.backend.clone(), Duration::from_secs(5)).await;
+    let mut changes = d.subscribe_changes();
+    let mut v2 = stored.clone();
+    v2.body = serde_json::json!({"v": 2});
+    other.put_document(c, v2, Precondition::Revision(1)).await.unwrap().unwrap();
+    assert_eq!(d.document("test.kind", "doc-1").await.unwrap().unwrap().body["v"], 1, "still cached");
+    d.apply_changes().await.unwrap();
+    assert_eq!(d.document("test.kind", "doc-1").await.unwrap().unwrap().body["v"], 2);
+    let seen = changes.try_recv().unwrap();
+    assert_eq!(seen.id, "test.kind/doc-1");
+    assert!(other.delete_document(c, "test.kind", "doc-1").await.unwrap());
+    d.apply_changes().await.unwrap();
+    assert!(d.document("test.kind", "doc-1").await.unwrap().is_none());
+
+    d.heartbeat("replica-a", &serde_json::json!({})).await.unwrap();
+    other.heartbeat("replica-b", &serde_json::json!({})).await.unwrap();
+    assert_eq!(d.live_replicas(Duration::from_secs(30)).await.unwrap().len(), 2);
+}

@@ -45,17 +45,18 @@ impl Migration {
 // - SQLite columns are declared only as INTEGER or TEXT, the types the Any driver maps;
 // - PostgreSQL text keys use COLLATE "C" so `ORDER BY id` and the `id > $after` page cursor follow byte order,
 //   as on SQLite, whatever the database's default collation is.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tenants, keys, aliases, change feed",
-    sqlite: &[
-        "CREATE TABLE tenants (
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tenants, keys, aliases, change feed",
+        sqlite: &[
+            "CREATE TABLE tenants (
             id TEXT NOT NULL PRIMARY KEY,
             display_name TEXT NOT NULL,
             created_at INTEGER NOT NULL
         )",
-        // `doc` is the whole Key as JSON; the other columns are the fields queries filter or sort on.
-        "CREATE TABLE keys (
+            // `doc` is the whole Key as JSON; the other columns are the fields queries filter or sort on.
+            "CREATE TABLE keys (
             tenant TEXT NOT NULL,
             id TEXT NOT NULL,
             revision INTEGER NOT NULL,
@@ -66,8 +67,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
             doc TEXT NOT NULL,
             PRIMARY KEY (tenant, id)
         )",
-        "CREATE INDEX keys_pending_deletion ON keys (deletion_at) WHERE state = 'PendingDeletion'",
-        "CREATE TABLE aliases (
+            "CREATE INDEX keys_pending_deletion ON keys (deletion_at) WHERE state = 'PendingDeletion'",
+            "CREATE TABLE aliases (
             tenant TEXT NOT NULL,
             name TEXT NOT NULL,
             key_id TEXT NOT NULL,
@@ -76,24 +77,24 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY (tenant, name),
             FOREIGN KEY (tenant, key_id) REFERENCES keys (tenant, id) ON DELETE CASCADE
         )",
-        "CREATE INDEX aliases_by_key ON aliases (tenant, key_id, name)",
-        // AUTOINCREMENT: a sequence number is never reused, even after the newest rows are deleted, so a
-        // follower's cursor stays meaningful.
-        "CREATE TABLE changes (
+            "CREATE INDEX aliases_by_key ON aliases (tenant, key_id, name)",
+            // AUTOINCREMENT: a sequence number is never reused, even after the newest rows are deleted, so a
+            // follower's cursor stays meaningful.
+            "CREATE TABLE changes (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             tenant TEXT NOT NULL,
             kind TEXT NOT NULL,
             id TEXT NOT NULL,
             at INTEGER NOT NULL
         )",
-    ],
-    postgres: &[
-        r#"CREATE TABLE tenants (
+        ],
+        postgres: &[
+            r#"CREATE TABLE tenants (
             id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
             display_name TEXT NOT NULL,
             created_at BIGINT NOT NULL
         )"#,
-        r#"CREATE TABLE keys (
+            r#"CREATE TABLE keys (
             tenant TEXT COLLATE "C" NOT NULL,
             id TEXT COLLATE "C" NOT NULL,
             revision BIGINT NOT NULL,
@@ -104,8 +105,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
             doc TEXT NOT NULL,
             PRIMARY KEY (tenant, id)
         )"#,
-        "CREATE INDEX keys_pending_deletion ON keys (deletion_at) WHERE state = 'PendingDeletion'",
-        r#"CREATE TABLE aliases (
+            "CREATE INDEX keys_pending_deletion ON keys (deletion_at) WHERE state = 'PendingDeletion'",
+            r#"CREATE TABLE aliases (
             tenant TEXT COLLATE "C" NOT NULL,
             name TEXT COLLATE "C" NOT NULL,
             key_id TEXT COLLATE "C" NOT NULL,
@@ -114,16 +115,58 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY (tenant, name),
             FOREIGN KEY (tenant, key_id) REFERENCES keys (tenant, id) ON DELETE CASCADE
         )"#,
-        "CREATE INDEX aliases_by_key ON aliases (tenant, key_id, name)",
-        r#"CREATE TABLE changes (
+            "CREATE INDEX aliases_by_key ON aliases (tenant, key_id, name)",
+            r#"CREATE TABLE changes (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             tenant TEXT COLLATE "C" NOT NULL,
             kind TEXT NOT NULL,
             id TEXT NOT NULL,
             at BIGINT NOT NULL
         )"#,
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "documents, replica heartbeats",
+        sqlite: &[
+            // Ids are unique within a kind across tenants; the tenant is an attribute to list by.
+            "CREATE TABLE documents (
+                kind TEXT NOT NULL,
+                id TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                revision INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (kind, id)
+            )",
+            "CREATE INDEX documents_by_tenant ON documents (kind, tenant, id)",
+            "CREATE TABLE replicas (
+                id TEXT NOT NULL PRIMARY KEY,
+                info TEXT NOT NULL,
+                last_seen INTEGER NOT NULL
+            )",
+        ],
+        postgres: &[
+            r#"CREATE TABLE documents (
+                kind TEXT COLLATE "C" NOT NULL,
+                id TEXT COLLATE "C" NOT NULL,
+                tenant TEXT COLLATE "C" NOT NULL,
+                revision BIGINT NOT NULL,
+                body TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                PRIMARY KEY (kind, id)
+            )"#,
+            "CREATE INDEX documents_by_tenant ON documents (kind, tenant, id)",
+            r#"CREATE TABLE replicas (
+                id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+                info TEXT NOT NULL,
+                last_seen BIGINT NOT NULL
+            )"#,
+        ],
+    },
+];
 
 const CREATE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER NOT NULL PRIMARY KEY,
@@ -207,6 +250,11 @@ async fn applied_steps(conn: &mut AnyConnection, dialect: Dialect, steps: &[Migr
 mod tests {
     use super::*;
 
+    const PINNED_1_SQLITE: i64 = -6_017_179_768_745_072_154;
+    const PINNED_1_POSTGRES: i64 = 8_424_781_583_339_288_560;
+    const PINNED_2_SQLITE: i64 = 1_048_992_418_333_811_814;
+    const PINNED_2_POSTGRES: i64 = 6_279_676_516_138_263_488;
+
     #[test]
     fn versions_are_increasing_and_both_dialects_are_covered() {
         let mut last = 0;
@@ -215,6 +263,22 @@ mod tests {
             last = m.version;
             assert!(!m.sqlite.is_empty() && !m.postgres.is_empty(), "step {} lacks a dialect", m.version);
             assert_ne!(m.checksum(Dialect::Sqlite), m.checksum(Dialect::Postgres));
+        }
+    }
+
+    /// Released steps are frozen: a database that applied one refuses to open with a build whose step differs.
+    /// A failure here means a released step was edited; add a new step instead.
+    #[test]
+    fn released_steps_are_unchanged() {
+        let pinned: &[(i64, i64, i64)] =
+            &[(1, PINNED_1_SQLITE, PINNED_1_POSTGRES), (2, PINNED_2_SQLITE, PINNED_2_POSTGRES)];
+        for (version, sqlite, postgres) in pinned {
+            let step = MIGRATIONS.iter().find(|m| m.version == *version).expect("released step");
+            assert_eq!(
+                (step.checksum(Dialect::Sqlite), step.checksum(Dialect::Postgres)),
+                (*sqlite, *postgres),
+                "step {version}"
+            );
         }
     }
 }

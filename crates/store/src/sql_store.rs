@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kmsgate_core::{
-    AliasEntry, AliasName, Change, ChangeKind, Error, ErrorKind, Key, KeyId, Page, PageRequest, Result, Store, Tenant,
-    TenantId, Timestamp,
+    AliasEntry, AliasName, Change, ChangeKind, Document, Error, ErrorKind, Key, KeyId, Page, PageRequest, Precondition,
+    Replica, Result, Store, Tenant, TenantId, Timestamp,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Executor, Row, Transaction};
@@ -299,6 +299,59 @@ fn alias_not_found() -> Error {
     Error::new(ErrorKind::AliasNotFound, "the alias does not exist")
 }
 
+const DOCUMENT_EXISTS: &str = "the document already exists";
+
+fn document_exists() -> Error {
+    Error::new(ErrorKind::AlreadyExists, DOCUMENT_EXISTS)
+}
+
+/// A document kind: 1-64 of `a-z 0-9 . _ -` (so never a `/`, which keeps `<kind>/<id>` change ids unambiguous).
+fn check_document_kind(kind: &str) -> Result<()> {
+    let valid = (1..=64).contains(&kind.len())
+        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+    if valid { Ok(()) } else { Err(Error::invalid("the document kind must be 1 to 64 of a-z 0-9 . _ -")) }
+}
+
+/// Document and replica ids: 1-256 printable ASCII characters (space included).
+fn is_document_id(id: &str) -> bool {
+    (1..=256).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+fn check_document_id(id: &str) -> Result<()> {
+    if is_document_id(id) {
+        Ok(())
+    } else {
+        Err(Error::invalid("the document id must be 1 to 256 printable ASCII characters"))
+    }
+}
+
+/// Parses a stored JSON column. serde's message can quote the content (credentials live in documents), so
+/// only the position is kept.
+fn parse_json(text: &str, what: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| {
+        Error::storage(format!(
+            "a stored {what} does not parse ({:?} at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn document_from_row(row: &AnyRow) -> Result<Document> {
+    let tenant: String = row.try_get("tenant").map_err(db)?;
+    let body: String = row.try_get("body").map_err(db)?;
+    Ok(Document {
+        kind: row.try_get("kind").map_err(db)?,
+        id: row.try_get("id").map_err(db)?,
+        tenant: TenantId::parse(&tenant).map_err(Error::storage)?,
+        body: parse_json(&body, "document body")?,
+        revision: row.try_get("revision").map_err(db)?,
+        created_at: Timestamp(row.try_get("created_at").map_err(db)?),
+        updated_at: Timestamp(row.try_get("updated_at").map_err(db)?),
+    })
+}
+
 /// SQL `LIMIT` for a page: one more row than asked tells whether another page follows.
 fn page_fetch_limit(page: &PageRequest) -> i64 {
     i64::from(page.effective_limit()) + 1
@@ -446,8 +499,21 @@ impl Store for SqlStore {
         Ok(Some(stored))
     }
 
-    async fn delete_key(&self, tenant: &TenantId, id: &KeyId) -> Result<bool> {
+    async fn delete_key(&self, tenant: &TenantId, id: &KeyId, revision: i64) -> Result<bool> {
         let mut w = self.begin_write().await?;
+        // Checked before anything is touched; writers are serialized, so the revision cannot move before the
+        // conditional DELETE below (which checks it again regardless).
+        let stored: Option<i64> = sqlx::query_scalar("SELECT revision FROM keys WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_optional(w.conn())
+            .await
+            .map_err(db)?;
+        if stored != Some(revision) {
+            // Gone, or changed since the caller read it (a deletion cancelled meanwhile): keep it.
+            w.rollback().await?;
+            return Ok(false);
+        }
         let aliases: Vec<String> =
             sqlx::query_scalar("SELECT name FROM aliases WHERE tenant = $1 AND key_id = $2 ORDER BY name")
                 .bind(tenant.as_str())
@@ -462,9 +528,10 @@ impl Store for SqlStore {
             .execute(w.conn())
             .await
             .map_err(db)?;
-        let deleted = sqlx::query("DELETE FROM keys WHERE tenant = $1 AND id = $2")
+        let deleted = sqlx::query("DELETE FROM keys WHERE tenant = $1 AND id = $2 AND revision = $3")
             .bind(tenant.as_str())
             .bind(id.as_str())
+            .bind(revision)
             .execute(w.conn())
             .await
             .map_err(db)?
@@ -684,6 +751,229 @@ impl Store for SqlStore {
             .await
             .map_err(db)
     }
+
+    async fn prune_changes(&self, before: Timestamp) -> Result<u64> {
+        let mut w = self.begin_write().await?;
+        // The newest row stays: `latest_change` is MAX(seq), and followers compare their cursor with it. (The
+        // sequences themselves never reuse a number: AUTOINCREMENT on SQLite, an identity on PostgreSQL.)
+        // On an empty feed MAX(seq) is NULL and the comparison deletes nothing.
+        let removed = sqlx::query("DELETE FROM changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM changes)")
+            .bind(before.0)
+            .execute(w.conn())
+            .await
+            .map_err(db)?
+            .rows_affected();
+        w.commit().await?;
+        Ok(removed)
+    }
+
+    async fn put_document(&self, doc: &Document, precondition: Precondition) -> Result<Option<Document>> {
+        check_document_kind(&doc.kind)?;
+        check_document_id(&doc.id)?;
+        let body = serde_json::to_string(&doc.body).map_err(|_| Error::internal("a document cannot be serialized"))?;
+        let now = Timestamp::now();
+        let mut w = self.begin_write().await?;
+        // Writers are serialized (SQLite's write lock, PostgreSQL's advisory lock), so what this reads stays
+        // true until the write below; the UPDATE still checks the revision it read.
+        let existing = sqlx::query("SELECT tenant, revision, created_at FROM documents WHERE kind = $1 AND id = $2")
+            .bind(doc.kind.as_str())
+            .bind(doc.id.as_str())
+            .fetch_optional(w.conn())
+            .await
+            .map_err(db)?;
+        let existing = match existing {
+            Some(row) => {
+                let tenant: String = row.try_get("tenant").map_err(db)?;
+                let revision: i64 = row.try_get("revision").map_err(db)?;
+                let created_at: i64 = row.try_get("created_at").map_err(db)?;
+                Some((tenant, revision, Timestamp(created_at)))
+            }
+            None => None,
+        };
+        let stored = match (precondition, existing) {
+            (Precondition::Absent, Some(_)) => {
+                w.rollback().await?;
+                return Err(document_exists());
+            }
+            (Precondition::Revision(_), None) => {
+                w.rollback().await?;
+                return Ok(None);
+            }
+            (Precondition::Revision(expected), Some((_, revision, _))) if revision != expected => {
+                w.rollback().await?;
+                return Ok(None);
+            }
+            (Precondition::Absent | Precondition::Any, None) => {
+                let stored = Document { revision: 1, created_at: now, updated_at: now, ..doc.clone() };
+                sqlx::query(
+                    "INSERT INTO documents (kind, id, tenant, revision, body, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                )
+                .bind(stored.kind.as_str())
+                .bind(stored.id.as_str())
+                .bind(stored.tenant.as_str())
+                .bind(stored.revision)
+                .bind(body)
+                .bind(now.0)
+                .execute(w.conn())
+                .await
+                .map_err(unique(DOCUMENT_EXISTS))?;
+                append_change(w.conn(), &stored.tenant, ChangeKind::Document, &stored.change_id(), now).await?;
+                stored
+            }
+            (Precondition::Any | Precondition::Revision(_), Some((old_tenant, revision, created_at))) => {
+                let next = revision.checked_add(1).ok_or_else(|| Error::internal("document revision overflow"))?;
+                let stored = Document { revision: next, created_at, updated_at: now, ..doc.clone() };
+                let updated = sqlx::query(
+                    "UPDATE documents SET tenant = $3, revision = $4, body = $5, updated_at = $6
+                     WHERE kind = $1 AND id = $2 AND revision = $7",
+                )
+                .bind(stored.kind.as_str())
+                .bind(stored.id.as_str())
+                .bind(stored.tenant.as_str())
+                .bind(stored.revision)
+                .bind(body)
+                .bind(now.0)
+                .bind(revision)
+                .execute(w.conn())
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if updated == 0 {
+                    w.rollback().await?;
+                    return Ok(None);
+                }
+                let change_id = stored.change_id();
+                // A document that moved to another tenant is announced to both: followers may scope their
+                // invalidations by tenant.
+                if old_tenant != stored.tenant.as_str() {
+                    let old_tenant = TenantId::parse(&old_tenant).map_err(Error::storage)?;
+                    append_change(w.conn(), &old_tenant, ChangeKind::Document, &change_id, now).await?;
+                }
+                append_change(w.conn(), &stored.tenant, ChangeKind::Document, &change_id, now).await?;
+                stored
+            }
+        };
+        w.commit().await?;
+        Ok(Some(stored))
+    }
+
+    async fn get_document(&self, kind: &str, id: &str) -> Result<Option<Document>> {
+        check_document_kind(kind)?;
+        // Ids often come from clients (an access key id): one that cannot be stored does not exist, and
+        // must not reach PostgreSQL, which rejects some strings (NUL) outright.
+        if !is_document_id(id) {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT kind, id, tenant, revision, body, created_at, updated_at FROM documents WHERE kind = $1 AND id = $2",
+        )
+        .bind(kind)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(document_from_row).transpose()
+    }
+
+    async fn list_documents(
+        &self,
+        kind: &str,
+        tenant: Option<&TenantId>,
+        page: &PageRequest,
+    ) -> Result<Page<Document>> {
+        check_document_kind(kind)?;
+        // Ids are never empty, so "" is before every id and stands for "from the start".
+        let after = page.after.as_deref().unwrap_or("");
+        let rows = match tenant {
+            Some(tenant) => {
+                sqlx::query(
+                    "SELECT kind, id, tenant, revision, body, created_at, updated_at FROM documents
+                     WHERE kind = $1 AND tenant = $2 AND id > $3 ORDER BY id LIMIT $4",
+                )
+                .bind(kind)
+                .bind(tenant.as_str())
+                .bind(after)
+                .bind(page_fetch_limit(page))
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(
+                    "SELECT kind, id, tenant, revision, body, created_at, updated_at FROM documents
+                     WHERE kind = $1 AND id > $2 ORDER BY id LIMIT $3",
+                )
+                .bind(kind)
+                .bind(after)
+                .bind(page_fetch_limit(page))
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(db)?;
+        let docs = rows.iter().map(document_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(into_page(docs, page, |d| d.id.clone()))
+    }
+
+    async fn delete_document(&self, kind: &str, id: &str) -> Result<bool> {
+        check_document_kind(kind)?;
+        if !is_document_id(id) {
+            return Ok(false);
+        }
+        let mut w = self.begin_write().await?;
+        let tenant: Option<String> =
+            sqlx::query_scalar("DELETE FROM documents WHERE kind = $1 AND id = $2 RETURNING tenant")
+                .bind(kind)
+                .bind(id)
+                .fetch_optional(w.conn())
+                .await
+                .map_err(db)?;
+        let Some(tenant) = tenant else {
+            w.rollback().await?;
+            return Ok(false);
+        };
+        let tenant = TenantId::parse(&tenant).map_err(Error::storage)?;
+        append_change(w.conn(), &tenant, ChangeKind::Document, &format!("{kind}/{id}"), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn heartbeat(&self, id: &str, info: &serde_json::Value) -> Result<()> {
+        if !is_document_id(id) {
+            return Err(Error::invalid("the replica id must be 1 to 256 printable ASCII characters"));
+        }
+        let info = serde_json::to_string(info).map_err(|_| Error::internal("replica info cannot be serialized"))?;
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO replicas (id, info, last_seen) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
+        )
+        .bind(id)
+        .bind(info)
+        .bind(Timestamp::now().0)
+        .execute(w.conn())
+        .await
+        .map_err(db)?;
+        w.commit().await
+    }
+
+    async fn live_replicas(&self, since: Timestamp) -> Result<Vec<Replica>> {
+        let rows = sqlx::query("SELECT id, info, last_seen FROM replicas WHERE last_seen >= $1 ORDER BY id")
+            .bind(since.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let info: String = row.try_get("info").map_err(db)?;
+                Ok(Replica {
+                    id: row.try_get("id").map_err(db)?,
+                    info: parse_json(&info, "replica info")?,
+                    last_seen: Timestamp(row.try_get("last_seen").map_err(db)?),
+                })
+            })
+            .collect()
+    }
 }
 
 async fn insert_alias(
@@ -813,8 +1103,44 @@ mod tests {
             .fetch_one(store.pool())
             .await
             .expect("query");
-        assert_eq!(latest, 1);
+        assert_eq!(Some(latest), MIGRATIONS.last().map(|m| m.version));
         store.ping().await.expect("the store still works");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_an_older_build_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = temp_url(&dir);
+        // What the first release left behind: step 1 only, with a key in it.
+        let store = SqlStore::open(&url).await.expect("open");
+        sqlx::query("DROP TABLE documents").execute(store.pool()).await.expect("drop");
+        sqlx::query("DROP TABLE replicas").execute(store.pool()).await.expect("drop");
+        sqlx::query("DELETE FROM schema_migrations WHERE version > 1").execute(store.pool()).await.expect("forget");
+        let key = store.create_key(&sample_key("acme", "k"), &[]).await.expect("create");
+        store.close().await;
+
+        let store = SqlStore::open(&url).await.expect("reopen upgrades");
+        assert_eq!(store.get_key(&tenant("acme"), &key_id("k")).await.expect("get"), Some(key), "data is kept");
+        let d = Document::new("x", "y", tenant("acme"), serde_json::json!({}));
+        assert!(store.put_document(&d, Precondition::Absent).await.expect("put").is_some());
+        store.heartbeat("r", &serde_json::json!({})).await.expect("heartbeat");
+        assert!(migrate::run(store.pool(), Dialect::Sqlite).await.expect("rerun").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_document_body_is_a_storage_failure_that_does_not_leak_it() {
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        let d = Document::new("xks.credential", "AK", tenant("acme"), serde_json::json!({"k": "v"}));
+        store.put_document(&d, Precondition::Absent).await.expect("put");
+        sqlx::query("UPDATE documents SET body = '{\"secret\": \"hunter2'")
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+        let err = store.get_document("xks.credential", "AK").await.expect_err("corrupt body");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+        let err = store.list_documents("xks.credential", None, &PageRequest::first(1)).await.expect_err("corrupt");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
     }
 
     #[tokio::test]

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! [`concurrent_handles`] takes two handles on the same empty database (two pools, as two processes or two
-//! replicas would have) and is called by hand.
+//! replicas would have), and [`prune_before_reopen`] / [`changes_continue_after_reopen`] run on either side of
+//! closing and reopening a persistent store; those are called by hand.
 
 // Test code: a panic is how a case reports a failure.
 #![allow(clippy::expect_used)]
@@ -20,11 +21,13 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
+use std::time::Duration;
 
 use kmsgate_core::{
-    AliasEntry, AliasName, BackendHandle, ChangeKind, ErrorKind, Key, KeyId, KeyOrigin, KeySpec, KeyState, KeyUsage,
-    KeyUsageSet, KeyVersion, PageRequest, Result, Store, Tenant, TenantId, Timestamp,
+    AliasEntry, AliasName, BackendHandle, ChangeKind, Document, ErrorKind, Key, KeyId, KeyOrigin, KeySpec, KeyState,
+    KeyUsage, KeyUsageSet, KeyVersion, PageRequest, Precondition, Result, Store, Tenant, TenantId, Timestamp,
 };
+use serde_json::json;
 use uuid::Uuid;
 
 /// Runs every single-store case of [`crate::testsuite`] as its own `#[tokio::test]`.
@@ -60,6 +63,15 @@ macro_rules! store_testsuite {
             keys_due_for_deletion,
             change_feed,
             mutations_append_changes,
+            delete_key_checks_the_revision,
+            prune_changes_keeps_the_newest,
+            documents_put_under_each_precondition,
+            documents_announce_every_write,
+            list_documents_pages_and_filters,
+            delete_document_frees_the_id,
+            document_kinds_and_ids_are_validated,
+            concurrent_document_writes_one_wins,
+            heartbeats,
         );
     };
     ($fixture:expr) => {
@@ -407,7 +419,7 @@ pub async fn delete_key_removes_its_aliases(s: &dyn Store) {
     let twin = create(s, "other", "doomed", &["alias/d1"]).await;
     let before = feed(s).await.len();
 
-    assert!(s.delete_key(&t, &key_id("doomed")).await.expect("delete"));
+    assert!(s.delete_key(&t, &key_id("doomed"), 1).await.expect("delete"));
     assert_eq!(s.get_key(&t, &key_id("doomed")).await.expect("get"), None);
     for a in ["alias/d1", "alias/d2"] {
         assert_eq!(s.get_alias(&t, &alias(a)).await.expect("get_alias"), None, "{a} goes with its key");
@@ -428,8 +440,8 @@ pub async fn delete_key_removes_its_aliases(s: &dyn Store) {
     );
 
     // Deleting again reports it did not exist and appends nothing.
-    assert!(!s.delete_key(&t, &key_id("doomed")).await.expect("delete"));
-    assert!(!s.delete_key(&t, &key_id("never")).await.expect("delete"));
+    assert!(!s.delete_key(&t, &key_id("doomed"), 1).await.expect("delete"));
+    assert!(!s.delete_key(&t, &key_id("never"), 1).await.expect("delete"));
     assert_eq!(feed(s).await.len(), all.len());
 
     // The id and the alias names are free again.
@@ -665,8 +677,8 @@ pub async fn mutations_append_changes(s: &dyn Store) {
     let k = create(s, "acme", "k", &["alias/a"]).await;
     let mut upd = k.clone();
     upd.state = KeyState::Disabled;
-    s.update_key(&upd).await.expect("update").expect("matched");
-    s.update_key(&upd).await.expect("stale update");
+    let upd = s.update_key(&upd).await.expect("update").expect("matched");
+    s.update_key(&k).await.expect("stale update");
     create(s, "acme", "k2", &[]).await;
     s.create_alias(&t, &alias("alias/b"), &key_id("k")).await.expect("create_alias");
     s.update_alias(&t, &alias("alias/b"), &key_id("k2")).await.expect("update_alias");
@@ -674,7 +686,8 @@ pub async fn mutations_append_changes(s: &dyn Store) {
     s.create_alias(&t, &alias("alias/c"), &key_id("k")).await.expect("create_alias");
     s.delete_alias(&t, &alias("alias/c")).await.expect("delete_alias");
     s.delete_alias(&t, &alias("alias/c")).await.expect("delete_alias (absent)");
-    s.delete_key(&t, &key_id("k")).await.expect("delete_key");
+    assert!(!s.delete_key(&t, &key_id("k"), k.revision).await.expect("delete_key at a stale revision"));
+    assert!(s.delete_key(&t, &key_id("k"), upd.revision).await.expect("delete_key"));
 
     let got = feed(s).await;
     let (head, tail) = got.split_at(got.len() - 3);
@@ -698,6 +711,466 @@ pub async fn mutations_append_changes(s: &dyn Store) {
     let mut removed: Vec<_> = tail[1..].to_vec();
     removed.sort_by(|a, b| a.2.cmp(&b.2));
     assert_eq!(removed, [change("acme", ChangeKind::Alias, "alias/a"), change("acme", ChangeKind::Alias, "alias/b")]);
+}
+
+/// `delete_key` removes a key only at the revision the caller read: a key changed since (a deletion cancelled
+/// meanwhile) is kept with its aliases, and nothing is announced.
+pub async fn delete_key_checks_the_revision(s: &dyn Store) {
+    let t = tenant("acme");
+    let v1 = create(s, "acme", "k", &["alias/k1", "alias/k2"]).await;
+    let mut schedule = v1.clone();
+    schedule.state = KeyState::PendingDeletion;
+    schedule.deletion_at = Some(Timestamp(1));
+    let v2 = s.update_key(&schedule).await.expect("update").expect("matched");
+    // The purger read v2; then the deletion was cancelled.
+    let mut cancel = v2.clone();
+    cancel.state = KeyState::Disabled;
+    cancel.deletion_at = None;
+    let v3 = s.update_key(&cancel).await.expect("update").expect("matched");
+    let before = feed(s).await;
+
+    for stale in [v2.revision, v1.revision, v3.revision + 1, 0, -1] {
+        assert!(!s.delete_key(&t, &v3.id, stale).await.expect("delete_key"), "revision {stale} is not stored");
+    }
+    assert!(
+        !s.delete_key(&tenant("other"), &v3.id, v3.revision).await.expect("delete_key"),
+        "tenant is part of the identity"
+    );
+    assert_eq!(s.get_key(&t, &v3.id).await.expect("get"), Some(v3.clone()), "the key is untouched");
+    for a in ["alias/k1", "alias/k2"] {
+        let entry = s.get_alias(&t, &alias(a)).await.expect("get_alias").expect("the alias is kept");
+        assert_eq!(entry.key_id, v3.id);
+    }
+    assert_eq!(s.count_keys(&t).await.expect("count"), 1);
+    assert_eq!(feed(s).await, before, "a refused delete appends no change");
+
+    assert!(s.delete_key(&t, &v3.id, v3.revision).await.expect("delete_key"), "the current revision deletes");
+    assert_eq!(s.get_key(&t, &v3.id).await.expect("get"), None);
+    assert_eq!(s.list_aliases(&t, None, &PageRequest::first(10)).await.expect("list").items, vec![]);
+    assert_eq!(feed(s).await.len(), before.len() + 3, "the key and its two aliases are announced");
+}
+
+/// `prune_changes` removes entries older than the cut, never the newest one, and sequence numbers keep
+/// increasing after it.
+pub async fn prune_changes_keeps_the_newest(s: &dyn Store) {
+    assert_eq!(s.prune_changes(Timestamp(i64::MAX)).await.expect("prune"), 0, "an empty feed has nothing to prune");
+    let t = tenant("acme");
+    let mut old = Vec::new();
+    for i in 0..3 {
+        old.push(s.record_change(&t, ChangeKind::Key, &format!("old-{i}")).await.expect("record"));
+    }
+    // Change times are milliseconds: step past them so the cut falls strictly between old and new entries.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cut = Timestamp::now();
+    let mut new = Vec::new();
+    for i in 0..2 {
+        new.push(s.record_change(&t, ChangeKind::Alias, &format!("new-{i}")).await.expect("record"));
+    }
+    let seqs = |changes: Vec<kmsgate_core::Change>| changes.iter().map(|c| c.seq).collect::<Vec<_>>();
+
+    assert_eq!(s.prune_changes(Timestamp(i64::MIN)).await.expect("prune"), 0);
+    assert_eq!(s.prune_changes(cut).await.expect("prune"), 3, "the entries before the cut go");
+    assert_eq!(seqs(s.changes_since(0, 100).await.expect("changes")), new);
+    assert_eq!(s.prune_changes(cut).await.expect("prune"), 0, "pruning again removes nothing");
+
+    // Everything is old now, but the newest entry stays, so the latest sequence number does not go back.
+    assert_eq!(s.prune_changes(Timestamp(i64::MAX)).await.expect("prune"), 1);
+    assert_eq!(seqs(s.changes_since(0, 100).await.expect("changes")), vec![new[1]]);
+    assert_eq!(s.latest_change().await.expect("latest"), new[1]);
+    assert_eq!(s.prune_changes(Timestamp(i64::MAX)).await.expect("prune"), 0, "the last entry is never pruned");
+
+    // Sequence numbers continue after the pruned ones, from store writes and record_change alike.
+    create(s, "acme", "k", &[]).await;
+    let written = s.latest_change().await.expect("latest");
+    assert!(written > new[1], "{written} after {}", new[1]);
+    let recorded = s.record_change(&t, ChangeKind::Policy, "p").await.expect("record");
+    assert!(recorded > written);
+    assert_eq!(seqs(s.changes_since(new[1], 100).await.expect("changes")), vec![written, recorded]);
+    // A follower whose cursor is in the pruned range gets what is left, in order.
+    assert_eq!(seqs(s.changes_since(old[0], 100).await.expect("changes")), vec![new[1], written, recorded]);
+}
+
+/// First half of a restart test on a persistent store: fills the feed and prunes it down to its newest entry;
+/// returns that entry's sequence number. Close the store, reopen it, and pass the number to
+/// [`changes_continue_after_reopen`].
+pub async fn prune_before_reopen(s: &dyn Store) -> i64 {
+    let t = tenant("acme");
+    for i in 0..5 {
+        s.record_change(&t, ChangeKind::Credential, &format!("c-{i}")).await.expect("record");
+    }
+    create(s, "acme", "k", &["alias/k"]).await;
+    let last = s.latest_change().await.expect("latest");
+    assert_eq!(s.prune_changes(Timestamp(i64::MAX)).await.expect("prune"), 6);
+    let left = s.changes_since(0, 100).await.expect("changes");
+    assert_eq!(left.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![last]);
+    last
+}
+
+/// Second half of the restart test (see [`prune_before_reopen`]): the pruned feed survived, and new entries
+/// are numbered after it.
+pub async fn changes_continue_after_reopen(s: &dyn Store, last: i64) {
+    assert_eq!(s.latest_change().await.expect("latest"), last);
+    let left = s.changes_since(0, 100).await.expect("changes");
+    assert_eq!(left.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![last]);
+    let next = s.record_change(&tenant("acme"), ChangeKind::Policy, "p").await.expect("record");
+    assert!(next > last, "sequence numbers never restart: {next} after {last}");
+    let stored = s.put_document(&doc("policy", "p", "acme", json!({})), Precondition::Absent).await;
+    stored.expect("put").expect("inserted");
+    assert!(s.latest_change().await.expect("latest") > next);
+}
+
+fn doc(kind: &str, id: &str, t: &str, body: serde_json::Value) -> Document {
+    Document::new(kind, id, tenant(t), body)
+}
+
+async fn put(s: &dyn Store, d: &Document, p: Precondition) -> Option<Document> {
+    s.put_document(d, p).await.expect("put_document")
+}
+
+async fn get_doc(s: &dyn Store, kind: &str, id: &str) -> Option<Document> {
+    s.get_document(kind, id).await.expect("get_document")
+}
+
+fn doc_ids(docs: &[Document]) -> Vec<String> {
+    docs.iter().map(|d| d.id.clone()).collect()
+}
+
+/// `put_document` under `Absent`, `Revision` and `Any`: revisions start at 1 and grow by one per write, the
+/// creation time is the first insert's, the body is stored as given.
+pub async fn documents_put_under_each_precondition(s: &dyn Store) {
+    const KIND: &str = "xks.credential";
+    let body = json!({
+        "name": "clé ✓ \"quoted\" \\ '; DROP TABLE documents; --",
+        "n": 42,
+        "max": u64::MAX,
+        "min": i64::MIN,
+        "half": 1.5,
+        "nested": {"list": [1, null, true, "x", {}], "empty": []},
+    });
+    let mut input = doc(KIND, "AKIA-1", "acme", body.clone());
+    // The store maintains these, whatever the caller passes.
+    input.revision = 99;
+    input.created_at = Timestamp(1);
+    input.updated_at = Timestamp(2);
+    let before = Timestamp::now();
+    let v1 = put(s, &input, Precondition::Absent).await.expect("inserted");
+    let after = Timestamp::now();
+    assert_eq!((v1.kind.as_str(), v1.id.as_str(), v1.tenant.as_str()), (KIND, "AKIA-1", "acme"));
+    assert_eq!(v1.body, body);
+    assert_eq!(v1.revision, 1, "revisions start at 1");
+    assert!(before <= v1.created_at && v1.created_at <= after, "the store's clock, in ms");
+    assert_eq!(v1.updated_at, v1.created_at);
+    assert_eq!(get_doc(s, KIND, "AKIA-1").await, Some(v1.clone()));
+    assert_eq!(get_doc(s, KIND, "AKIA-2").await, None);
+    assert_eq!(get_doc(s, "other.kind", "AKIA-1").await, None, "ids are per kind");
+
+    // Absent: an existing document is `AlreadyExists`, whichever tenant asks (ids are unique across tenants).
+    let mut dup = doc(KIND, "AKIA-1", "acme", json!({"other": true}));
+    assert_eq!(kind_of(s.put_document(&dup, Precondition::Absent).await), ErrorKind::AlreadyExists);
+    dup.tenant = tenant("other");
+    assert_eq!(kind_of(s.put_document(&dup, Precondition::Absent).await), ErrorKind::AlreadyExists);
+    assert_eq!(get_doc(s, KIND, "AKIA-1").await, Some(v1.clone()), "a refused insert changes nothing");
+
+    // Revision: written only at the stored revision; the creation time is kept, the update time is now.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let mut edit = v1.clone();
+    edit.body = json!({"rotated": 1});
+    edit.created_at = Timestamp(5);
+    let v2 = put(s, &edit, Precondition::Revision(1)).await.expect("the revision matched");
+    assert_eq!(v2.revision, 2);
+    assert_eq!(v2.created_at, v1.created_at, "created_at is the first insert's");
+    assert!(v2.updated_at > v1.updated_at && v2.updated_at <= Timestamp::now());
+    assert_eq!(v2.body, edit.body);
+    assert_eq!(get_doc(s, KIND, "AKIA-1").await, Some(v2.clone()));
+    let mut stale = v1.clone();
+    stale.body = json!("stale");
+    assert_eq!(put(s, &stale, Precondition::Revision(1)).await, None, "a stale revision loses");
+    assert_eq!(put(s, &stale, Precondition::Revision(3)).await, None, "a future revision does not match");
+    assert_eq!(put(s, &stale, Precondition::Revision(0)).await, None);
+    let ghost = doc(KIND, "ghost", "acme", json!(1));
+    assert_eq!(put(s, &ghost, Precondition::Revision(1)).await, None, "a missing document is not written");
+    assert_eq!(get_doc(s, KIND, "ghost").await, None, "nor created");
+    assert_eq!(get_doc(s, KIND, "AKIA-1").await, Some(v2.clone()));
+
+    // Any: replaces what is there, or inserts.
+    let v3 = put(s, &doc(KIND, "AKIA-1", "acme", json!("a string")), Precondition::Any).await.expect("replaced");
+    assert_eq!((v3.revision, v3.created_at, v3.body.clone()), (3, v1.created_at, json!("a string")));
+    assert!(v3.updated_at >= v2.updated_at);
+    let fresh = put(s, &doc(KIND, "AKIA-2", "other", json!(null)), Precondition::Any).await.expect("inserted");
+    assert_eq!((fresh.revision, fresh.tenant.as_str(), fresh.body.clone()), (1, "other", json!(null)));
+    assert_eq!(fresh.created_at, fresh.updated_at);
+    assert_eq!(get_doc(s, KIND, "AKIA-2").await, Some(fresh));
+    let v4 = put(s, &v3, Precondition::Revision(3)).await.expect("Revision after Any");
+    assert_eq!(v4.revision, 4);
+
+    // The same id in another kind is another document.
+    let other = put(s, &doc("alibaba.access-key", "AKIA-1", "acme", json!([])), Precondition::Absent).await;
+    assert_eq!(other.expect("inserted").revision, 1);
+    assert_eq!(get_doc(s, KIND, "AKIA-1").await, Some(v4));
+}
+
+/// Every successful document write and delete appends one `Document` change (tenant, `<kind>/<id>`) in order;
+/// failed ones append nothing. A document moved to another tenant is announced to both.
+pub async fn documents_announce_every_write(s: &dyn Store) {
+    const KIND: &str = "xks.credential";
+    let base = feed(s).await.len();
+    let before = Timestamp::now();
+    // A slash in the id is fine: kinds have none, so the change id splits at its first slash.
+    let v1 = put(s, &doc(KIND, "AK/1", "acme", json!(1)), Precondition::Absent).await.expect("inserted");
+    assert!(s.put_document(&v1, Precondition::Absent).await.is_err());
+    let v2 = put(s, &Document { body: json!(2), ..v1.clone() }, Precondition::Revision(1)).await.expect("written");
+    assert_eq!(put(s, &v1, Precondition::Revision(1)).await, None);
+    let v3 = put(s, &Document { body: json!(3), ..v2 }, Precondition::Any).await.expect("written");
+    put(s, &doc("policy", "p", "zeta", json!({})), Precondition::Any).await.expect("inserted");
+
+    let moved = put(s, &Document { tenant: tenant("other"), ..v3.clone() }, Precondition::Revision(v3.revision))
+        .await
+        .expect("moved");
+    assert_eq!(moved.tenant.as_str(), "other");
+    assert_eq!(moved.created_at, v1.created_at);
+    let acme = s.list_documents(KIND, Some(&tenant("acme")), &PageRequest::first(10)).await.expect("list");
+    assert!(acme.items.is_empty(), "a moved document is listed under its new tenant only");
+    let others = s.list_documents(KIND, Some(&tenant("other")), &PageRequest::first(10)).await.expect("list");
+    assert_eq!(others.items, vec![moved.clone()]);
+
+    assert!(s.delete_document(KIND, "AK/1").await.expect("delete"));
+    assert!(!s.delete_document(KIND, "AK/1").await.expect("delete again"));
+    assert!(!s.delete_document("policy", "absent").await.expect("delete absent"));
+    let after = Timestamp::now();
+
+    let id = "xks.credential/AK/1";
+    assert_eq!(v1.change_id(), id);
+    assert_eq!(
+        feed(s).await[base..],
+        [
+            change("acme", ChangeKind::Document, id),
+            change("acme", ChangeKind::Document, id),
+            change("acme", ChangeKind::Document, id),
+            change("zeta", ChangeKind::Document, "policy/p"),
+            change("acme", ChangeKind::Document, id),
+            change("other", ChangeKind::Document, id),
+            change("other", ChangeKind::Document, id),
+        ],
+        "insert, Revision write, Any write, another insert, a move (both tenants), a delete"
+    );
+    let changes = s.changes_since(0, 100).await.expect("changes");
+    assert!(changes.iter().all(|c| before <= c.at && c.at <= after), "change times are the store's clock");
+}
+
+/// `list_documents` pages by id in byte order within one kind, for every tenant or one.
+pub async fn list_documents_pages_and_filters(s: &dyn Store) {
+    const KIND: &str = "xks.credential";
+    // Byte order, not a locale's ('0' < 'A' < 'B' < '_' < 'a'); spaces and slashes are id characters.
+    let acme = ["k05", "a-1", "B 2", "_x", "A/3", "k01"];
+    let other = ["k02", "0"];
+    for id in acme {
+        put(s, &doc(KIND, id, "acme", json!({ "id": id })), Precondition::Absent).await.expect("inserted");
+    }
+    for id in other {
+        put(s, &doc(KIND, id, "other", json!({ "id": id })), Precondition::Absent).await.expect("inserted");
+    }
+    for id in ["k03", "a-1"] {
+        put(s, &doc("other.kind", id, "acme", json!(id)), Precondition::Absent).await.expect("inserted");
+    }
+    let mut all: Vec<&str> = acme.iter().chain(&other).copied().collect();
+    all.sort_unstable();
+    let mut acme_sorted = acme.to_vec();
+    acme_sorted.sort_unstable();
+
+    // Walks every page, checking each item is whole and of the tenant asked for; returns ids and page sizes.
+    let walk = |t: Option<TenantId>, limit: u32| async move {
+        let mut page = PageRequest::first(limit);
+        let (mut seen, mut sizes) = (Vec::new(), Vec::new());
+        loop {
+            let p = s.list_documents(KIND, t.as_ref(), &page).await.expect("list_documents");
+            sizes.push(p.items.len());
+            for d in &p.items {
+                assert_eq!(d.kind, KIND);
+                assert!(t.as_ref().is_none_or(|t| &d.tenant == t), "{} is of another tenant", d.id);
+                assert_eq!(get_doc(s, KIND, &d.id).await.as_ref(), Some(d), "listed documents are whole");
+            }
+            seen.extend(doc_ids(&p.items));
+            match p.next {
+                Some(next) => {
+                    assert_eq!(Some(&next), seen.last(), "next is the last id of the page");
+                    page.after = Some(next);
+                }
+                None => return (seen, sizes),
+            }
+        }
+    };
+    assert_eq!(walk(None, 3).await, (all.iter().map(|s| s.to_string()).collect(), vec![3, 3, 2]));
+    assert_eq!(walk(Some(tenant("acme")), 4).await, (acme_sorted.iter().map(|s| s.to_string()).collect(), vec![4, 2]));
+    assert_eq!(walk(Some(tenant("other")), 10).await, (vec!["0".to_owned(), "k02".to_owned()], vec![2]));
+    assert_eq!(walk(Some(tenant("nobody")), 10).await, (vec![], vec![0]));
+
+    // A page that ends exactly at the last document has no next.
+    let p = s.list_documents(KIND, Some(&tenant("acme")), &PageRequest::first(6)).await.expect("list");
+    assert_eq!((p.items.len(), p.next), (6, None));
+    // Limit 0 is clamped to 1.
+    let p = s.list_documents(KIND, None, &PageRequest::first(0)).await.expect("list");
+    assert_eq!((doc_ids(&p.items), p.next), (vec![all[0].to_owned()], Some(all[0].to_owned())));
+    // A cursor that is not an id still positions the page.
+    let after = |a: &str| PageRequest { after: Some(a.to_owned()), limit: 10 };
+    assert_eq!(doc_ids(&s.list_documents(KIND, None, &after("k03")).await.expect("list").items), vec!["k05"]);
+    let p = s.list_documents(KIND, Some(&tenant("acme")), &after("k01")).await.expect("list");
+    assert_eq!((doc_ids(&p.items), p.next), (vec!["k05".to_owned()], None));
+    let p = s.list_documents(KIND, None, &after("k05")).await.expect("list");
+    assert!(p.items.is_empty() && p.next.is_none());
+    // Kinds do not mix.
+    let p = s.list_documents("other.kind", None, &PageRequest::first(10)).await.expect("list");
+    assert_eq!(doc_ids(&p.items), vec!["a-1", "k03"]);
+    assert!(s.list_documents("empty.kind", None, &PageRequest::first(10)).await.expect("list").items.is_empty());
+}
+
+/// `delete_document` reports whether the document existed; its id is free again afterwards.
+pub async fn delete_document_frees_the_id(s: &dyn Store) {
+    let v1 = put(s, &doc("token", "t-1", "acme", json!({"v": 1})), Precondition::Absent).await.expect("inserted");
+    put(s, &Document { body: json!({"v": 2}), ..v1 }, Precondition::Revision(1)).await.expect("written");
+    let t2 = put(s, &doc("token", "t-2", "acme", json!({})), Precondition::Absent).await.expect("inserted");
+
+    assert!(!s.delete_document("other.kind", "t-1").await.expect("delete"), "kinds are separate");
+    assert!(s.delete_document("token", "t-1").await.expect("delete"));
+    assert_eq!(get_doc(s, "token", "t-1").await, None);
+    assert!(!s.delete_document("token", "t-1").await.expect("delete again"));
+    assert!(!s.delete_document("token", "never").await.expect("delete never"));
+    assert_eq!(get_doc(s, "token", "t-2").await, Some(t2.clone()), "only the one document goes");
+    let p = s.list_documents("token", None, &PageRequest::first(10)).await.expect("list");
+    assert_eq!(p.items, vec![t2]);
+
+    // The id is free again, for any tenant, and its revisions start over.
+    let again = put(s, &doc("token", "t-1", "other", json!(3)), Precondition::Absent).await.expect("inserted");
+    assert_eq!((again.revision, again.tenant.as_str()), (1, "other"));
+    assert_eq!(get_doc(s, "token", "t-1").await, Some(again));
+}
+
+/// Kinds are 1-64 of `a-z 0-9 . _ -` and ids 1-256 printable ASCII characters; anything else is
+/// `InvalidRequest` on writes and writes nothing. Reads of an id that cannot exist find nothing.
+pub async fn document_kinds_and_ids_are_validated(s: &dyn Store) {
+    let longest_kind = "k".repeat(64);
+    let longest_id = "~".repeat(256);
+    let valid =
+        [(longest_kind.as_str(), "x"), ("a.b_c-9", longest_id.as_str()), ("x", " !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")];
+    for (kind, id) in valid {
+        let stored = put(s, &doc(kind, id, "acme", json!({})), Precondition::Absent).await.expect("valid");
+        assert_eq!(get_doc(s, kind, id).await, Some(stored));
+    }
+    let before = feed(s).await;
+
+    let too_long_kind = "k".repeat(65);
+    let bad_kinds = ["", too_long_kind.as_str(), "Xks", "xks/credential", "xks credential", "xkş", "xks:cred"];
+    let too_long_id = "~".repeat(257);
+    let bad_ids = ["", too_long_id.as_str(), "a\nb", "tab\t", "del\u{7f}", "é", "nul\0"];
+    let mut bad: Vec<(&str, &str)> = bad_kinds.iter().map(|k| (*k, "x")).collect();
+    bad.extend(bad_ids.iter().map(|i| ("x", *i)));
+    for (kind, id) in bad {
+        for p in [Precondition::Absent, Precondition::Any, Precondition::Revision(1)] {
+            let r = s.put_document(&doc(kind, id, "acme", json!({})), p).await;
+            assert_eq!(kind_of(r), ErrorKind::InvalidRequest, "kind {kind:?} id {id:?} {p:?}");
+        }
+    }
+    for kind in bad_kinds {
+        assert_eq!(kind_of(s.get_document(kind, "x").await), ErrorKind::InvalidRequest, "{kind:?}");
+        assert_eq!(kind_of(s.delete_document(kind, "x").await), ErrorKind::InvalidRequest, "{kind:?}");
+        let r = s.list_documents(kind, None, &PageRequest::first(10)).await;
+        assert_eq!(kind_of(r), ErrorKind::InvalidRequest, "{kind:?}");
+    }
+    for id in bad_ids {
+        assert_eq!(get_doc(s, "x", id).await, None, "{id:?} cannot exist");
+        assert!(!s.delete_document("x", id).await.expect("delete"), "{id:?} cannot exist");
+    }
+    assert_eq!(feed(s).await, before, "refused writes append no change");
+    let listed = s.list_documents("x", None, &PageRequest::first(10)).await.expect("list");
+    assert_eq!(listed.items.len(), 1, "nothing invalid was written");
+}
+
+/// Concurrent `Revision` writes of one document: exactly one wins each round. Of two concurrent inserts of
+/// one id, exactly one succeeds; concurrent `Any` writes both land, one after the other.
+pub async fn concurrent_document_writes_one_wins(s: &dyn Store) {
+    const KIND: &str = "xks.keystore";
+    let base = feed(s).await.len();
+    let mut current = put(s, &doc(KIND, "hot", "acme", json!(0)), Precondition::Absent).await.expect("inserted");
+    for round in 0..10 {
+        let a = Document { body: json!({"writer": "a", "round": round}), ..current.clone() };
+        let b = Document { body: json!({"writer": "b", "round": round}), ..current.clone() };
+        let at = Precondition::Revision(current.revision);
+        let (ra, rb) = tokio::join!(s.put_document(&a, at), s.put_document(&b, at));
+        let winner = match (ra.expect("put a"), rb.expect("put b")) {
+            (Some(w), None) | (None, Some(w)) => w,
+            other => panic!("exactly one concurrent Revision write must win, got {other:?}"),
+        };
+        assert_eq!(winner.revision, current.revision + 1);
+        assert_eq!(get_doc(s, KIND, "hot").await, Some(winner.clone()));
+        current = winner;
+    }
+
+    let (x, y) = (doc(KIND, "race", "acme", json!("x")), doc(KIND, "race", "other", json!("y")));
+    let (rx, ry) = tokio::join!(s.put_document(&x, Precondition::Absent), s.put_document(&y, Precondition::Absent));
+    let winner = match (rx, ry) {
+        (Ok(Some(w)), Err(e)) | (Err(e), Ok(Some(w))) => {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+            w
+        }
+        other => panic!("exactly one concurrent insert wins: {other:?}"),
+    };
+    assert_eq!(get_doc(s, KIND, "race").await, Some(winner.clone()));
+
+    // Same tenant as the winner: a move would announce two tenants.
+    let x = Document { body: json!("any-x"), ..winner.clone() };
+    let y = Document { body: json!("any-y"), ..winner };
+    let (rx, ry) = tokio::join!(s.put_document(&x, Precondition::Any), s.put_document(&y, Precondition::Any));
+    let (rx, ry) = (rx.expect("put x").expect("written"), ry.expect("put y").expect("written"));
+    let mut revisions = [rx.revision, ry.revision];
+    revisions.sort_unstable();
+    assert_eq!(revisions, [2, 3], "both writes land, one after the other");
+    let last = if rx.revision == 3 { rx } else { ry };
+    assert_eq!(get_doc(s, KIND, "race").await, Some(last));
+    assert_eq!(feed(s).await.len() - base, 1 + 10 + 1 + 2, "one change per successful write");
+}
+
+/// `heartbeat` upserts a replica's info and time (without touching the change feed); `live_replicas`
+/// returns those seen at or after `since`, ordered by id.
+pub async fn heartbeats(s: &dyn Store) {
+    assert!(s.live_replicas(Timestamp(i64::MIN)).await.expect("live").is_empty());
+    let start = Timestamp::now();
+    let b_info = json!({"version": "1.2.3", "addr": "10.0.0.2:8443", "tags": ["✓"]});
+    s.heartbeat("replica-b", &b_info).await.expect("heartbeat b");
+    s.heartbeat("replica-a", &json!({"version": "1.2.3"})).await.expect("heartbeat a");
+    let live = s.live_replicas(start).await.expect("live");
+    assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["replica-a", "replica-b"]);
+    assert_eq!((live[0].info.clone(), live[1].info.clone()), (json!({"version": "1.2.3"}), b_info));
+    let now = Timestamp::now();
+    assert!(live.iter().all(|r| start <= r.last_seen && r.last_seen <= now), "last_seen is the store's clock");
+    let a_seen = live[0].last_seen;
+
+    // Upsert: the newest info and time replace the old ones; still one row per replica.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mid = Timestamp::now();
+    s.heartbeat("replica-b", &json!({"version": "1.3.0"})).await.expect("heartbeat b again");
+    let recent = s.live_replicas(mid).await.expect("live");
+    assert_eq!(recent.len(), 1, "replica-a was last seen before {mid:?}: {recent:?}");
+    assert_eq!((recent[0].id.as_str(), recent[0].info.clone()), ("replica-b", json!({"version": "1.3.0"})));
+    assert!(recent[0].last_seen >= mid);
+    let all = s.live_replicas(start).await.expect("live");
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].last_seen, all[1].clone()), (a_seen, recent[0].clone()));
+
+    // `since` is inclusive.
+    let exact = s.live_replicas(a_seen).await.expect("live");
+    assert_eq!(exact.first().map(|r| r.id.as_str()), Some("replica-a"));
+    assert!(s.live_replicas(Timestamp(recent[0].last_seen.0 + 1)).await.expect("live").is_empty());
+
+    // Heartbeats are frequent: they never reach the change feed.
+    assert_eq!(s.latest_change().await.expect("latest"), 0);
+    assert!(s.changes_since(0, 100).await.expect("changes").is_empty());
+
+    // Replica ids follow the document id rules.
+    let too_long = "r".repeat(257);
+    for bad in ["", "a\nb", "é", "nul\0", too_long.as_str()] {
+        assert_eq!(kind_of(s.heartbeat(bad, &json!({})).await), ErrorKind::InvalidRequest, "{bad:?}");
+    }
+    s.heartbeat(&"r".repeat(256), &json!(null)).await.expect("the longest id");
+    assert_eq!(s.live_replicas(start).await.expect("live").len(), 3);
 }
 
 /// Two handles (two pools, as two processes or replicas) on the same empty database see each other's writes

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kmsgate_core::{ErrorKind, KeyId, PageRequest, Store, Tenant, Timestamp};
+use kmsgate_core::{Document, ErrorKind, KeyId, PageRequest, Precondition, Store, Tenant, Timestamp};
 use kmsgate_store::testsuite::{self, Fixture, alias, key_id, sample_key, tenant};
 use kmsgate_store::{Dialect, SqlStore};
 
@@ -92,6 +92,9 @@ async fn everything_survives_close_and_reopen() {
 
     let store = SqlStore::open(&url).await.expect("open");
     store.ensure_tenant(&acme).await.expect("tenant");
+    let doc = Document::new("xks.credential", "AKIA-1", t.clone(), serde_json::json!({"secret": "wrapped"}));
+    let doc = store.put_document(&doc, Precondition::Absent).await.expect("put").expect("inserted");
+    store.heartbeat("replica-1", &serde_json::json!({"version": "1"})).await.expect("heartbeat");
     let created = store.create_key(&sample_key("acme", "k"), &[alias("alias/k")]).await.expect("create");
     let mut next = created.clone();
     next.description = "updated".to_owned();
@@ -102,6 +105,9 @@ async fn everything_survives_close_and_reopen() {
 
     let store = SqlStore::open(&url).await.expect("reopen");
     assert_eq!(store.get_tenant(&t).await.expect("tenant"), Some(acme));
+    assert_eq!(store.get_document("xks.credential", "AKIA-1").await.expect("document"), Some(doc));
+    let replicas = store.live_replicas(Timestamp(0)).await.expect("replicas");
+    assert_eq!(replicas.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["replica-1"]);
     assert_eq!(store.get_key(&t, &created.id).await.expect("get"), Some(updated.clone()));
     assert_eq!(store.get_alias(&t, &alias("alias/k")).await.expect("alias").map(|a| a.key_id), Some(created.id));
     assert_eq!(store.changes_since(0, 100).await.expect("feed"), feed);
@@ -109,6 +115,18 @@ async fn everything_survives_close_and_reopen() {
     assert!(store.record_change(&t, kmsgate_core::ChangeKind::Policy, "p").await.expect("record") > last);
     let page = store.list_keys(&t, &PageRequest::first(10)).await.expect("list");
     assert_eq!(page.items, vec![updated]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pruned_change_feed_continues_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(&dir);
+    let store = SqlStore::open(&url).await.expect("open");
+    let last = testsuite::prune_before_reopen(&store).await;
+    store.close().await;
+    drop(store);
+    let store = SqlStore::open(&url).await.expect("reopen");
+    testsuite::changes_continue_after_reopen(&store, last).await;
 }
 
 // ---- crash test ------------------------------------------------------------------------------------------
