@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kmsgate_core::{Caller, Dispatcher, DispatcherConfig, PageRequest, Store, TenantId};
 use kmsgate_hsm::{Kek, SoftwareBackend};
-use kmsgate_store::SqlStore;
+use kmsgate_store::{SqlStore, StoreOptions};
 
 use crate::config::Config;
 
@@ -44,8 +44,11 @@ impl App {
         }
 
         let url = config.store_url();
+        let options = StoreOptions::default()
+            .max_connections(config.store.max_connections.max(1))
+            .acquire_timeout(Duration::from_millis(config.store.acquire_timeout_ms.max(1)));
         let store: Arc<dyn Store> = Arc::new(
-            SqlStore::open(&url)
+            SqlStore::open_with(&config.store_connect_url()?, options)
                 .await
                 .map_err(core_err)
                 .with_context(|| format!("cannot open the store {}", redact_url(&url)))?,
@@ -56,6 +59,7 @@ impl App {
 
         let dcfg = DispatcherConfig {
             backend_deadline: Duration::from_millis(config.backend.deadline_ms),
+            store_deadline: Duration::from_millis(config.store.deadline_ms.max(1)),
             cache_capacity: config.cache.capacity,
             cache_ttl: Duration::from_secs(config.cache.ttl_secs.max(1)),
             default_backend: config.backend.default.clone(),

@@ -79,11 +79,38 @@ pub struct LogConfig {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH`; empty means `sqlite://<data_dir>/kmsgate.db`.
+    /// `sqlite://PATH` or `postgres://USER@HOST:PORT/DB[?sslmode=...]`; empty means
+    /// `sqlite://<data_dir>/kmsgate.db`. Keep passwords out of it: use `password_file` or `password_env`.
     pub url: String,
+    /// PostgreSQL: file whose first line is the password (a mounted Kubernetes Secret).
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Pooled connections per process.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before the dependency-timeout error.
+    pub acquire_timeout_ms: u64,
+    /// PostgreSQL: server-side `statement_timeout` of every statement (0: none).
+    pub statement_timeout_ms: u64,
+    /// Deadline of one store call as the dispatcher sees it; a miss is the dependency-timeout error.
+    pub deadline_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: String::new(),
+            password_file: None,
+            password_env: None,
+            max_connections: 8,
+            acquire_timeout_ms: 2000,
+            statement_timeout_ms: 5000,
+            deadline_ms: 3000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -223,12 +250,16 @@ impl Config {
         if self.server.change_poll_ms == 0 {
             bail!("server.change_poll_ms must be positive");
         }
+        if self.store.password_file.is_some() && self.store.password_env.is_some() {
+            bail!("set only one of store.password_file and store.password_env");
+        }
         if self.backend.software.kek_file.is_some() && self.backend.software.kek_env.is_some() {
             bail!("set only one of backend.software.kek_file and backend.software.kek_env");
         }
         Ok(())
     }
 
+    /// The store URL as configured (no password added): for display.
     pub fn store_url(&self) -> String {
         if self.store.url.is_empty() {
             format!("sqlite://{}", self.data_dir.join("kmsgate.db").display())
@@ -237,9 +268,68 @@ impl Config {
         }
     }
 
+    /// The URL to connect with: for PostgreSQL, the password from `password_file`/`password_env` goes into the
+    /// userinfo and `statement_timeout` into the connection options.
+    pub fn store_connect_url(&self) -> anyhow::Result<String> {
+        let url = self.store_url();
+        let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) else {
+            return Ok(url);
+        };
+        let password = match (&self.store.password_file, &self.store.password_env) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read store.password_file {}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            (None, Some(var)) => {
+                Some(std::env::var(var).with_context(|| format!("store.password_env: ${var} is not set"))?)
+            }
+            (None, None) => None,
+        };
+        let mut out = String::from("postgres://");
+        match (password, rest.split_once('@')) {
+            (Some(pw), Some((user, host))) => {
+                if user.contains(':') {
+                    bail!("store.url already carries a password; remove it or drop password_file/password_env");
+                }
+                out.push_str(&format!("{user}:{}@{host}", percent_encode(&pw)));
+            }
+            (Some(_), None) => bail!("store.url needs a user (postgres://USER@HOST/DB) to go with the password"),
+            (None, _) => out.push_str(rest),
+        }
+        if self.store.statement_timeout_ms > 0 {
+            let setting = format!("-c%20statement_timeout%3D{}", self.store.statement_timeout_ms);
+            // libpq takes one `options` parameter: extend an existing one (e.g. a search_path) instead.
+            if let Some(at) = out.find("options=") {
+                let end = out[at..].find('&').map_or(out.len(), |i| at + i);
+                out.insert_str(end, &format!("%20{setting}"));
+            } else {
+                let sep = if out.contains('?') { '&' } else { '?' };
+                out.push_str(&format!("{sep}options={setting}"));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn kek_file(&self) -> PathBuf {
         self.backend.software.kek_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
     }
+}
+
+/// Userinfo encoding of RFC 3986: everything but unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -267,5 +357,35 @@ mod tests {
         let err = Config::load(Some(&p)).unwrap_err();
         assert!(format!("{err:#}").contains("bnd"), "{err:#}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn postgres_password_and_statement_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cr:t@/\n").unwrap();
+        let mut c = Config::default();
+        c.store.url = "postgres://kms@db.internal:5432/kms?sslmode=require".into();
+        c.store.password_file = Some(pw);
+        assert_eq!(
+            c.store_connect_url().unwrap(),
+            "postgres://kms:s3cr%3At%40%2F@db.internal:5432/kms?sslmode=require&options=-c%20statement_timeout%3D5000"
+        );
+        assert_eq!(
+            c.store_url(),
+            "postgres://kms@db.internal:5432/kms?sslmode=require",
+            "display form has no password"
+        );
+        c.store.password_file = None;
+        c.store.url = "postgres://kms@db/kms?options=-c%20search_path%3Dt1&sslmode=disable".into();
+        assert_eq!(
+            c.store_connect_url().unwrap(),
+            "postgres://kms@db/kms?options=-c%20search_path%3Dt1%20-c%20statement_timeout%3D5000&sslmode=disable"
+        );
+        c.store.password_file = Some(dir.path().join("pw"));
+        c.store.url = "postgres://kms:inline@db/kms".into();
+        assert!(c.store_connect_url().is_err());
+        c.store.url = "sqlite:///tmp/x.db".into();
+        assert_eq!(c.store_connect_url().unwrap(), "sqlite:///tmp/x.db");
     }
 }

@@ -405,3 +405,32 @@ async fn tls_with_alpn_and_mutual_tls_subject_pinning() {
         assert!(r.is_err(), "{what}: the handshake must fail, got {r:?}");
     }
 }
+
+/// The same binary on PostgreSQL: the CLI writes through one process, a server in another sees it, and
+/// readiness probes the database for real.
+#[tokio::test]
+async fn runs_on_postgresql() {
+    let base =
+        std::env::var("KMSGATE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("kmsgate_srv_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let psql = |sql: &str| {
+        let out =
+            Command::new("psql").args([base.as_str(), "-qAtc", sql]).output().expect("psql (scripts/test installs it)");
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    psql(&format!("CREATE SCHEMA {schema}"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    std::fs::write(p.join("pg.toml"), format!("[store]\nurl = \"{url}\"\n[server]\nbind = \"127.0.0.1:0\"\n")).unwrap();
+    let k = cli_json(p, &["--config", "pg.toml", "keys", "create", "--alias", "alias/on-pg"]);
+    let server = start(p, &["--config", "pg.toml"], &[]);
+    assert!(server.banner.contains("postgres://"), "{}", server.banner);
+    let r = common::http(server.addr, "GET", "/readyz", b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let listed = cli_json(p, &["--config", "pg.toml", "keys", "list"]);
+    assert_eq!(listed["keys"][0]["id"], k["id"]);
+    drop(server);
+    psql(&format!("DROP SCHEMA {schema} CASCADE"));
+}
