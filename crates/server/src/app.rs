@@ -57,17 +57,16 @@ impl App {
         let kek = load_kek(&config, store.as_ref(), &mut boot).await?;
         let software = SoftwareBackend::new(config.backend.software.name.clone(), kek);
 
-        let dcfg = DispatcherConfig {
-            backend_deadline: Duration::from_millis(config.backend.deadline_ms),
-            store_deadline: Duration::from_millis(config.store.deadline_ms.max(1)),
-            cache_capacity: config.cache.capacity,
-            cache_ttl: Duration::from_secs(config.cache.ttl_secs.max(1)),
-            default_backend: config.backend.default.clone(),
-            max_plaintext: config.limits.max_plaintext_bytes,
-            max_aad: config.limits.max_aad_bytes,
-            max_keys_per_tenant: (config.limits.max_keys_per_tenant > 0).then_some(config.limits.max_keys_per_tenant),
-            ..DispatcherConfig::default()
-        };
+        // Field by field onto the defaults, so options core adds later keep their defaults here.
+        let mut dcfg = DispatcherConfig::default();
+        dcfg.backend_deadline = Duration::from_millis(config.backend.deadline_ms);
+        dcfg.store_deadline = Duration::from_millis(config.store.deadline_ms.max(1));
+        dcfg.cache_capacity = config.cache.capacity;
+        dcfg.cache_ttl = Duration::from_secs(config.cache.ttl_secs.max(1));
+        dcfg.default_backend = config.backend.default.clone();
+        dcfg.max_plaintext = config.limits.max_plaintext_bytes;
+        dcfg.max_aad = config.limits.max_aad_bytes;
+        dcfg.max_keys_per_tenant = (config.limits.max_keys_per_tenant > 0).then_some(config.limits.max_keys_per_tenant);
         let dispatcher = Dispatcher::builder(store)
             .backend(Arc::new(software))
             .config(dcfg)
