@@ -30,6 +30,9 @@ pub struct App {
 impl App {
     /// Opens everything the configuration names. With the embedded default this creates the data directory
     /// (mode 0700) and, for a store that holds no keys yet, a fresh root key file (mode 0600).
+    // Field-by-field assignment onto `DispatcherConfig::default()` is deliberate: options core adds later
+    // keep their defaults here instead of breaking this literal.
+    #[allow(clippy::field_reassign_with_default)]
     pub async fn open(config: Config) -> anyhow::Result<(App, Bootstrap)> {
         let mut boot = Bootstrap::default();
         let uses_data_dir = config.store.url.is_empty()
@@ -57,7 +60,6 @@ impl App {
         let kek = load_kek(&config, store.as_ref(), &mut boot).await?;
         let software = SoftwareBackend::new(config.backend.software.name.clone(), kek);
 
-        // Field by field onto the defaults, so options core adds later keep their defaults here.
         let mut dcfg = DispatcherConfig::default();
         dcfg.backend_deadline = Duration::from_millis(config.backend.deadline_ms);
         dcfg.store_deadline = Duration::from_millis(config.store.deadline_ms.max(1));
