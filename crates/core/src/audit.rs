@@ -38,6 +38,17 @@ pub enum Operation {
     PurgeKey,
     PutDocument,
     DeleteDocument,
+    CreateSecret,
+    PutSecretValue,
+    GetSecretValue,
+    DescribeSecret,
+    ListSecrets,
+    UpdateSecret,
+    DeleteSecret,
+    RestoreSecret,
+    RollbackSecret,
+    UpdateSecretVersionStage,
+    PurgeSecret,
 }
 
 impl Operation {
@@ -69,6 +80,17 @@ impl Operation {
             Operation::PurgeKey => "PurgeKey",
             Operation::PutDocument => "PutDocument",
             Operation::DeleteDocument => "DeleteDocument",
+            Operation::CreateSecret => "CreateSecret",
+            Operation::PutSecretValue => "PutSecretValue",
+            Operation::GetSecretValue => "GetSecretValue",
+            Operation::DescribeSecret => "DescribeSecret",
+            Operation::ListSecrets => "ListSecrets",
+            Operation::UpdateSecret => "UpdateSecret",
+            Operation::DeleteSecret => "DeleteSecret",
+            Operation::RestoreSecret => "RestoreSecret",
+            Operation::RollbackSecret => "RollbackSecret",
+            Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
+            Operation::PurgeSecret => "PurgeSecret",
         }
     }
 
@@ -89,6 +111,14 @@ impl Operation {
                 | Operation::PurgeKey
                 | Operation::PutDocument
                 | Operation::DeleteDocument
+                | Operation::CreateSecret
+                | Operation::PutSecretValue
+                | Operation::UpdateSecret
+                | Operation::DeleteSecret
+                | Operation::RestoreSecret
+                | Operation::RollbackSecret
+                | Operation::UpdateSecretVersionStage
+                | Operation::PurgeSecret
         )
     }
 }

@@ -25,11 +25,16 @@ use crate::model::{
 use crate::policy::{Authorizer, RateLimiter};
 use crate::store::{AliasEntry, Change, ChangeKind, Document, Precondition, Replica, Store};
 
+mod secrets;
+
 /// Tunables of the dispatcher; the server fills them from configuration.
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
-    /// Deadline of one backend (HSM) call.
+    /// Deadline of one backend (HSM) call on the request path.
     pub backend_deadline: Duration,
+    /// Deadline of key generation (create, rotate): RSA generation takes hundreds of milliseconds in
+    /// software and can take seconds in an HSM, far beyond a request-path deadline.
+    pub keygen_deadline: Duration,
     /// Deadline of one store call.
     pub store_deadline: Duration,
     /// Entries in each resolution cache (keys, aliases).
@@ -44,12 +49,17 @@ pub struct DispatcherConfig {
     pub max_aad: usize,
     /// Keys a tenant may hold (`None`: unlimited).
     pub max_keys_per_tenant: Option<u64>,
+    /// Active (not soft-deleted) secrets a tenant may hold (`None`: unlimited).
+    pub max_secrets_per_tenant: Option<u64>,
+    /// Largest secret value accepted, in bytes; larger is `InvalidRequest`.
+    pub max_secret_bytes: usize,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
         DispatcherConfig {
             backend_deadline: Duration::from_millis(200),
+            keygen_deadline: Duration::from_secs(30),
             store_deadline: Duration::from_secs(2),
             cache_capacity: 100_000,
             cache_ttl: Duration::from_secs(60),
@@ -57,6 +67,8 @@ impl Default for DispatcherConfig {
             max_plaintext: 64 * 1024,
             max_aad: 64 * 1024,
             max_keys_per_tenant: None,
+            max_secrets_per_tenant: None,
+            max_secret_bytes: 64 * 1024,
         }
     }
 }
@@ -372,10 +384,36 @@ impl Dispatcher {
     where
         F: Future<Output = Result<T>>,
     {
+        self.run_checked(caller, op, resource, true, work).await
+    }
+
+    /// Bookkeeping an operation needs but its caller did not ask for (creating the tenant's internal keys):
+    /// audited like any operation, but neither rate-limited nor authorized again. The operation that needs it
+    /// was, and a caller allowed to write secrets must not also need the right to create keys.
+    async fn run_internal<T, F>(&self, caller: &Caller, op: Operation, resource: Option<String>, work: F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        self.run_checked(caller, op, resource, false, work).await
+    }
+
+    async fn run_checked<T, F>(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        resource: Option<String>,
+        check: bool,
+        work: F,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
         let started = Instant::now();
         let result = async {
-            self.inner.limiter.check(caller, op)?;
-            self.inner.authorizer.authorize(caller, op, resource.as_deref())?;
+            if check {
+                self.inner.limiter.check(caller, op)?;
+                self.inner.authorizer.authorize(caller, op, resource.as_deref())?;
+            }
             work.await
         }
         .await;
@@ -409,6 +447,14 @@ impl Dispatcher {
         match tokio::time::timeout(self.inner.config.store_deadline, fut).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the store did not answer in time")),
+        }
+    }
+
+    /// Key generation under its own, longer deadline.
+    async fn keygen_call<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.inner.config.keygen_deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the key backend did not generate the key in time")),
         }
     }
 
@@ -602,7 +648,18 @@ impl Dispatcher {
     pub const SEALING_ALIAS: &'static str = "alias/kmsgate-internal/sealing";
 
     async fn sealing_key(&self, caller: &Caller) -> Result<Arc<Key>> {
-        let alias = AliasName::parse(Self::SEALING_ALIAS)?;
+        self.internal_key(
+            caller,
+            Self::SEALING_ALIAS,
+            "kmsgate internal: seals stored credentials (SigV4 and HMAC secrets); never delete",
+        )
+        .await
+    }
+
+    /// The tenant's internal AES key named `alias`, created in the default backend on first use. Creation is
+    /// audited as `CreateKey` but not authorized separately (see [`Dispatcher::run_internal`]).
+    async fn internal_key(&self, caller: &Caller, alias: &str, description: &str) -> Result<Arc<Key>> {
+        let alias = AliasName::parse(alias)?;
         let by_alias = KeyRef::Alias(alias.clone());
         match self.resolve(&caller.tenant, &by_alias).await {
             Ok(k) => return Ok(k),
@@ -610,15 +667,24 @@ impl Dispatcher {
             Err(_) => {}
         }
         let mut req = CreateKeyRequest::new(KeySpec::Aes256);
-        req.description = "kmsgate internal: seals stored credentials (SigV4 and HMAC secrets); never delete".into();
-        req.aliases = vec![alias];
-        match self.create_key(caller, req).await {
+        req.description = description.to_owned();
+        req.aliases = vec![alias.clone()];
+        let id = KeyId::generate();
+        let created = self
+            .run_internal(
+                caller,
+                Operation::CreateKey,
+                Some(id.to_string()),
+                self.create_key_work(caller, &req, &id, false),
+            )
+            .await;
+        match created {
             Ok(_) => {}
             // Another replica created it first: use theirs.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        self.invalidate_alias(&caller.tenant, &AliasName::parse(Self::SEALING_ALIAS)?).await;
+        self.invalidate_alias(&caller.tenant, &alias).await;
         self.resolve(&caller.tenant, &by_alias).await
     }
 
@@ -718,68 +784,72 @@ impl Dispatcher {
 
     pub async fn create_key(&self, caller: &Caller, req: CreateKeyRequest) -> Result<Key> {
         let id = req.id.clone().unwrap_or_else(KeyId::generate);
-        self.run(caller, Operation::CreateKey, Some(id.to_string()), async {
-            let usage = req.usage.unwrap_or_else(|| req.spec.default_usages());
-            if !usage.is_subset_of(req.spec.allowed_usages()) {
-                return Err(Error::invalid(format!(
-                    "a {} key cannot have that usage; allowed: {}",
-                    req.spec,
-                    req.spec.allowed_usages().iter().map(KeyUsage::as_str).collect::<Vec<_>>().join(",")
-                )));
+        self.run(caller, Operation::CreateKey, Some(id.to_string()), self.create_key_work(caller, &req, &id, true))
+            .await
+    }
+
+    /// The work of `create_key`, without the audit wrapper. `quota`: whether the tenant's key quota applies
+    /// (not to internal keys: a tenant at its key quota must still be able to store secrets).
+    async fn create_key_work(&self, caller: &Caller, req: &CreateKeyRequest, id: &KeyId, quota: bool) -> Result<Key> {
+        let usage = req.usage.unwrap_or_else(|| req.spec.default_usages());
+        if !usage.is_subset_of(req.spec.allowed_usages()) {
+            return Err(Error::invalid(format!(
+                "a {} key cannot have that usage; allowed: {}",
+                req.spec,
+                req.spec.allowed_usages().iter().map(KeyUsage::as_str).collect::<Vec<_>>().join(",")
+            )));
+        }
+        if let Some(max) = self.inner.config.max_keys_per_tenant.filter(|_| quota) {
+            let n = self.store_call(self.inner.store.count_keys(&caller.tenant)).await?;
+            if n >= max {
+                return Err(Error::new(ErrorKind::QuotaExceeded, "the tenant holds the maximum number of keys"));
             }
-            if let Some(max) = self.inner.config.max_keys_per_tenant {
-                let n = self.store_call(self.inner.store.count_keys(&caller.tenant)).await?;
-                if n >= max {
-                    return Err(Error::new(ErrorKind::QuotaExceeded, "the tenant holds the maximum number of keys"));
-                }
-            }
-            let backend_name = req.backend.clone().unwrap_or_else(|| self.inner.config.default_backend.clone());
-            let backend = self
-                .inner
-                .backends
-                .get(&backend_name)
-                .map_err(|_| Error::invalid("no backend of that name is configured"))?;
-            let version_id = Uuid::new_v4();
-            let handle = if req.external {
-                Vec::new()
-            } else {
-                self.backend_call(backend.generate(&id, version_id, req.spec, usage)).await?
-            };
-            let now = Timestamp::now();
-            let key = Key {
-                id: id.clone(),
-                tenant: caller.tenant.clone(),
-                spec: req.spec,
-                usage,
-                state: if req.external { KeyState::PendingImport } else { KeyState::Enabled },
-                origin: if req.external { KeyOrigin::External } else { KeyOrigin::Generated },
-                description: req.description.clone(),
-                tags: req.tags.clone(),
-                versions: vec![KeyVersion {
-                    id: version_id,
-                    created_at: now,
-                    handle: crate::model::BackendHandle { backend: backend_name, handle },
-                }],
-                primary_version: version_id,
+        }
+        let backend_name = req.backend.clone().unwrap_or_else(|| self.inner.config.default_backend.clone());
+        let backend = self
+            .inner
+            .backends
+            .get(&backend_name)
+            .map_err(|_| Error::invalid("no backend of that name is configured"))?;
+        let version_id = Uuid::new_v4();
+        let handle = if req.external {
+            Vec::new()
+        } else {
+            self.keygen_call(backend.generate(id, version_id, req.spec, usage)).await?
+        };
+        let now = Timestamp::now();
+        let key = Key {
+            id: id.clone(),
+            tenant: caller.tenant.clone(),
+            spec: req.spec,
+            usage,
+            state: if req.external { KeyState::PendingImport } else { KeyState::Enabled },
+            origin: if req.external { KeyOrigin::External } else { KeyOrigin::Generated },
+            description: req.description.clone(),
+            tags: req.tags.clone(),
+            versions: vec![KeyVersion {
+                id: version_id,
                 created_at: now,
-                updated_at: now,
-                deletion_at: None,
-                revision: 0,
-            };
-            let stored = self.store_call(self.inner.store.create_key(&key, &req.aliases)).await;
-            match stored {
-                Ok(k) => Ok(k),
-                Err(e) => {
-                    // Do not leave orphaned HSM objects behind a failed insert.
-                    if !req.external {
-                        let v = &key.versions[0];
-                        let _ = backend.destroy(Self::material(&key, v)).await;
-                    }
-                    Err(e)
+                handle: crate::model::BackendHandle { backend: backend_name, handle },
+            }],
+            primary_version: version_id,
+            created_at: now,
+            updated_at: now,
+            deletion_at: None,
+            revision: 0,
+        };
+        let stored = self.store_call(self.inner.store.create_key(&key, &req.aliases)).await;
+        match stored {
+            Ok(k) => Ok(k),
+            Err(e) => {
+                // Do not leave orphaned HSM objects behind a failed insert.
+                if !req.external {
+                    let v = &key.versions[0];
+                    let _ = backend.destroy(Self::material(&key, v)).await;
                 }
+                Err(e)
             }
-        })
-        .await
+        }
     }
 
     /// Adopts material that already exists in a backend (an HSM key found by label or id).
@@ -957,7 +1027,7 @@ impl Dispatcher {
             let backend = self.inner.backends.get(&backend_name)?;
             let version_id = Uuid::new_v4();
             let handle =
-                self.backend_call(backend.generate(&current.id, version_id, current.spec, current.usage)).await?;
+                self.keygen_call(backend.generate(&current.id, version_id, current.spec, current.usage)).await?;
             let version = KeyVersion {
                 id: version_id,
                 created_at: Timestamp::now(),
@@ -1344,6 +1414,9 @@ fn unshare(e: Arc<Error>) -> Error {
     let mut out = Error::new(e.kind(), e.message().to_owned());
     if let Some(r) = e.retry_after() {
         out = out.with_retry_after(r);
+    }
+    for (name, value) in e.details() {
+        out = out.with_detail(name, value.clone());
     }
     if let Some(src) = e.internal_source() {
         out = out.with_source(src.to_string());

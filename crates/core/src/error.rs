@@ -138,12 +138,16 @@ impl ErrorKind {
 
 type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// A core error: kind, client-safe message, internal source (logged only) and optional retry-after.
+/// A core error: kind, client-safe message, internal source (logged only), optional retry-after and
+/// structured details.
 pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
     source: Option<Source>,
     retry_after: Option<Duration>,
+    /// Client-safe facts a frontend may render structurally (REST `details`): `recoverable_until`,
+    /// `expected`/`current`, `expired_at`, `limit`... Never values, key material or verifier internals.
+    details: Vec<(&'static str, String)>,
 }
 
 /// The result type of every core operation.
@@ -152,7 +156,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error. `message` is shown to clients: keep secrets, key material and verifier internals out of it.
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { kind, message: sanitize(message.into()), source: None, retry_after: None }
+        Self { kind, message: sanitize(message.into()), source: None, retry_after: None, details: Vec::new() }
     }
 
     /// Attach the internal cause. It is logged, never rendered to a client.
@@ -167,6 +171,28 @@ impl Error {
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self
+    }
+
+    /// Attach a structured detail. The value is shown to clients (sanitized like the message); a detail of
+    /// the same name is replaced.
+    #[must_use]
+    pub fn with_detail(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        let value = sanitize(Cow::Owned(value.into())).into_owned();
+        match self.details.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.details.push((name, value)),
+        }
+        self
+    }
+
+    /// The structured details, in the order they were attached.
+    pub fn details(&self) -> &[(&'static str, String)] {
+        &self.details
+    }
+
+    /// One detail by name.
+    pub fn detail(&self, name: &str) -> Option<&str> {
+        self.details.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -233,6 +259,9 @@ impl fmt::Debug for Error {
         if let Some(r) = self.retry_after {
             d.field("retry_after", &r);
         }
+        if !self.details.is_empty() {
+            d.field("details", &self.details);
+        }
         d.finish()
     }
 }
@@ -266,6 +295,18 @@ mod tests {
         let e = Error::storage(std::io::Error::other("secret path /x"));
         assert_eq!(e.to_string(), "storage_failure: the store failed");
         assert!(format!("{e:?}").contains("secret path"));
+    }
+
+    #[test]
+    fn details_are_sanitized_and_replaced_by_name() {
+        let e = Error::new(ErrorKind::VersionConflict, "conflict")
+            .with_detail("expected", "3")
+            .with_detail("current", "4\n")
+            .with_detail("expected", "5");
+        assert_eq!(e.details(), &[("expected", "5".to_owned()), ("current", "4?".to_owned())]);
+        assert_eq!(e.detail("current"), Some("4?"));
+        assert_eq!(e.detail("nope"), None);
+        assert!(!e.to_string().contains('5'), "Display shows kind and message only");
     }
 
     #[test]

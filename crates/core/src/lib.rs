@@ -7,6 +7,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod model;
 pub mod policy;
+pub mod secret;
 pub mod store;
 
 pub use audit::{AuditEvent, AuditSink, Operation, Outcome};
@@ -19,5 +20,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use model::{
     AliasName, BackendHandle, Caller, Frontend, Key, KeyId, KeyOrigin, KeyRef, KeySpec, KeyState, KeyUsage,
     KeyUsageSet, KeyVersion, Page, PageRequest, Tenant, TenantId, Timestamp,
+};
+pub use secret::{
+    DeleteMode, DeletedFilter, PutSecretRequest, STAGE_CURRENT, STAGE_PREVIOUS, SealedSecretVersion, Secret,
+    SecretFilter, SecretListFilter, SecretPatch, SecretPath, SecretSelector, SecretValue, SecretVersionInfo,
+    SecretWrite, VersionSelector, WriteMode,
 };
 pub use store::{AliasEntry, Change, ChangeKind, Document, Precondition, Replica, Store};

@@ -1,4 +1,4 @@
-//! The store seam: keys, aliases, tenants and the change feed every replica follows. SQLite is the embedded
+//! The store seam: keys, aliases, tenants, secrets and the change feed every replica follows. SQLite is the embedded
 //! default; PostgreSQL serves several replicas. Both implement this one trait.
 
 use std::fmt;
@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::model::{AliasName, Key, KeyId, Page, PageRequest, Tenant, TenantId, Timestamp};
+use crate::secret::{SealedSecretVersion, Secret, SecretFilter, SecretPath};
 
 /// An alias and the key it names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +200,41 @@ pub trait Store: Send + Sync + fmt::Debug {
     -> Result<Page<Document>>;
     /// Returns whether the document existed. Appends a `Document` change.
     async fn delete_document(&self, kind: &str, id: &str) -> Result<bool>;
+
+    /// Inserts a secret's record and its first version in one transaction; returns the record with revision 1.
+    /// A record at that path, soft-deleted or not, is `AlreadyExists` and nothing is written.
+    async fn create_secret(&self, secret: &Secret, first: &SealedSecretVersion) -> Result<Secret>;
+    /// If the stored revision still equals `secret.revision`: replaces the record, inserts `version` and
+    /// deletes the data of the versions in `prune`, in one transaction; returns the record with the new
+    /// revision. `None` (nothing written) if another writer got there first or the secret is gone. A version
+    /// number that already has data is `AlreadyExists`.
+    async fn put_secret_version(
+        &self,
+        secret: &Secret,
+        version: &SealedSecretVersion,
+        prune: &[u32],
+    ) -> Result<Option<Secret>>;
+    /// Like [`Store::put_secret_version`] without a new version: metadata, soft deletion and restore, stage
+    /// moves, and pruning when `max_versions` was lowered.
+    async fn update_secret(&self, secret: &Secret, prune: &[u32]) -> Result<Option<Secret>>;
+    /// The record, soft-deleted or not.
+    async fn get_secret(&self, tenant: &TenantId, path: &SecretPath) -> Result<Option<Secret>>;
+    /// One version's sealed data (`None` when pruned or never written).
+    async fn get_secret_version(
+        &self,
+        tenant: &TenantId,
+        path: &SecretPath,
+        version: u32,
+    ) -> Result<Option<SealedSecretVersion>>;
+    /// Records of a tenant ordered by path (byte order); `after` is the last path of the previous page.
+    async fn list_secrets(&self, tenant: &TenantId, filter: &SecretFilter, page: &PageRequest) -> Result<Page<Secret>>;
+    /// Removes a secret and all its versions for good if its stored revision is still `revision` (so a secret
+    /// restored or rewritten meanwhile is never purged); returns whether it was removed.
+    async fn delete_secret(&self, tenant: &TenantId, path: &SecretPath, revision: i64) -> Result<bool>;
+    /// Soft-deleted secrets of every tenant whose `recoverable_until` is at or before `now`, oldest first.
+    async fn secrets_due_for_purge(&self, now: Timestamp, limit: u32) -> Result<Vec<Secret>>;
+    /// Number of active (not soft-deleted) secrets a tenant holds (quotas: a restore counts again).
+    async fn count_secrets(&self, tenant: &TenantId) -> Result<u64>;
 
     /// Records that replica `id` is alive (no change-feed entry: heartbeats are frequent).
     async fn heartbeat(&self, id: &str, info: &serde_json::Value) -> Result<()>;

@@ -166,6 +166,61 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             )"#,
         ],
     },
+    Migration {
+        version: 3,
+        name: "secrets and their versions",
+        sqlite: &[
+            // `doc` is the whole Secret record as JSON (metadata only, never values); the other columns are the
+            // fields queries filter or sort on. `deleted_at` is set while the secret is soft-deleted.
+            "CREATE TABLE secrets (
+                tenant TEXT NOT NULL,
+                path TEXT NOT NULL,
+                revision INTEGER NOT NULL,
+                deleted_at INTEGER,
+                expires_at INTEGER,
+                recoverable_until INTEGER,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                doc TEXT NOT NULL,
+                PRIMARY KEY (tenant, path)
+            )",
+            "CREATE INDEX secrets_due_for_purge ON secrets (recoverable_until) WHERE deleted_at IS NOT NULL",
+            // One row per retained version: the sealed data (JSON with base64 fields; ciphertext only).
+            "CREATE TABLE secret_versions (
+                tenant TEXT NOT NULL,
+                path TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                created_at INTEGER NOT NULL,
+                doc TEXT NOT NULL,
+                PRIMARY KEY (tenant, path, version),
+                FOREIGN KEY (tenant, path) REFERENCES secrets (tenant, path) ON DELETE CASCADE
+            )",
+        ],
+        postgres: &[
+            r#"CREATE TABLE secrets (
+                tenant TEXT COLLATE "C" NOT NULL,
+                path TEXT COLLATE "C" NOT NULL,
+                revision BIGINT NOT NULL,
+                deleted_at BIGINT,
+                expires_at BIGINT,
+                recoverable_until BIGINT,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                doc TEXT NOT NULL,
+                PRIMARY KEY (tenant, path)
+            )"#,
+            "CREATE INDEX secrets_due_for_purge ON secrets (recoverable_until) WHERE deleted_at IS NOT NULL",
+            r#"CREATE TABLE secret_versions (
+                tenant TEXT COLLATE "C" NOT NULL,
+                path TEXT COLLATE "C" NOT NULL,
+                version BIGINT NOT NULL,
+                created_at BIGINT NOT NULL,
+                doc TEXT NOT NULL,
+                PRIMARY KEY (tenant, path, version),
+                FOREIGN KEY (tenant, path) REFERENCES secrets (tenant, path) ON DELETE CASCADE
+            )"#,
+        ],
+    },
 ];
 
 const CREATE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -254,6 +309,8 @@ mod tests {
     const PINNED_1_POSTGRES: i64 = 8_424_781_583_339_288_560;
     const PINNED_2_SQLITE: i64 = 1_048_992_418_333_811_814;
     const PINNED_2_POSTGRES: i64 = 6_279_676_516_138_263_488;
+    const PINNED_3_SQLITE: i64 = 1_415_009_626_102_336_558;
+    const PINNED_3_POSTGRES: i64 = 2_042_852_113_960_645_004;
 
     #[test]
     fn versions_are_increasing_and_both_dialects_are_covered() {
@@ -270,8 +327,11 @@ mod tests {
     /// A failure here means a released step was edited; add a new step instead.
     #[test]
     fn released_steps_are_unchanged() {
-        let pinned: &[(i64, i64, i64)] =
-            &[(1, PINNED_1_SQLITE, PINNED_1_POSTGRES), (2, PINNED_2_SQLITE, PINNED_2_POSTGRES)];
+        let pinned: &[(i64, i64, i64)] = &[
+            (1, PINNED_1_SQLITE, PINNED_1_POSTGRES),
+            (2, PINNED_2_SQLITE, PINNED_2_POSTGRES),
+            (3, PINNED_3_SQLITE, PINNED_3_POSTGRES),
+        ];
         for (version, sqlite, postgres) in pinned {
             let step = MIGRATIONS.iter().find(|m| m.version == *version).expect("released step");
             assert_eq!(

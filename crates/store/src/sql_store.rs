@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kmsgate_core::secret::{DeletedFilter, SealedSecretVersion, Secret, SecretFilter, SecretPath};
 use kmsgate_core::{
     AliasEntry, AliasName, Change, ChangeKind, Document, Error, ErrorKind, Key, KeyId, Page, PageRequest, Precondition,
     Replica, Result, Store, Tenant, TenantId, Timestamp,
@@ -350,6 +351,130 @@ fn document_from_row(row: &AnyRow) -> Result<Document> {
         created_at: Timestamp(row.try_get("created_at").map_err(db)?),
         updated_at: Timestamp(row.try_get("updated_at").map_err(db)?),
     })
+}
+
+/// Parses a stored record. serde's message can quote the content, so only the position is kept.
+fn parse_doc<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        Error::storage(format!(
+            "a stored {what} does not parse ({:?} at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn secret_from_row(row: &AnyRow) -> Result<Secret> {
+    let revision: i64 = row.try_get("revision").map_err(db)?;
+    let doc: String = row.try_get("doc").map_err(db)?;
+    let mut secret: Secret = parse_doc(&doc, "secret record")?;
+    secret.revision = revision;
+    Ok(secret)
+}
+
+fn secret_doc(secret: &Secret) -> Result<String> {
+    serde_json::to_string(secret).map_err(|_| Error::internal("a secret record cannot be serialized"))
+}
+
+fn sealed_doc(version: &SealedSecretVersion) -> Result<String> {
+    serde_json::to_string(version).map_err(|_| Error::internal("a sealed secret version cannot be serialized"))
+}
+
+/// The (exact, from, to) bounds of a listing's path condition `path = exact OR (path >= from AND path < to)`.
+///
+/// A prefix is segment-wise: `a/b` selects `a/b` itself and every path starting with `a/b/`, which in byte order
+/// is the half-open range [`a/b/`, `a/b0`) since `0` is the byte after `/`. Without a prefix the range spans every
+/// valid path (their bytes all sort below `{`) and the exact match is the empty string, which no path is.
+fn prefix_bounds(prefix: Option<&SecretPath>) -> (String, String, String) {
+    match prefix {
+        Some(p) => (p.to_string(), format!("{p}/"), format!("{p}0")),
+        None => (String::new(), String::new(), "{".to_owned()),
+    }
+}
+
+/// One statement per deletion filter, so every query is a fixed string.
+fn list_secrets_sql(deleted: DeletedFilter) -> &'static str {
+    match deleted {
+        DeletedFilter::Exclude => {
+            "SELECT revision, doc FROM secrets
+             WHERE tenant = $1 AND (path = $2 OR (path >= $3 AND path < $4)) AND path > $5 AND deleted_at IS NULL
+             ORDER BY path LIMIT $6"
+        }
+        DeletedFilter::Include => {
+            "SELECT revision, doc FROM secrets
+             WHERE tenant = $1 AND (path = $2 OR (path >= $3 AND path < $4)) AND path > $5
+             ORDER BY path LIMIT $6"
+        }
+        DeletedFilter::Only => {
+            "SELECT revision, doc FROM secrets
+             WHERE tenant = $1 AND (path = $2 OR (path >= $3 AND path < $4)) AND path > $5 AND deleted_at IS NOT NULL
+             ORDER BY path LIMIT $6"
+        }
+    }
+}
+
+/// Replaces a secret's record if its stored revision is still `secret.revision`; returns the stored record, or
+/// `None` (nothing written) when it moved or is gone.
+async fn replace_secret(conn: &mut AnyConnection, secret: &Secret) -> Result<Option<Secret>> {
+    let mut stored = secret.clone();
+    stored.revision = secret.revision.checked_add(1).ok_or_else(|| Error::internal("secret revision overflow"))?;
+    let doc = secret_doc(&stored)?;
+    let updated = sqlx::query(
+        "UPDATE secrets SET revision = $3, deleted_at = $4, expires_at = $5, recoverable_until = $6, updated_at = $7,
+                doc = $8
+         WHERE tenant = $1 AND path = $2 AND revision = $9",
+    )
+    .bind(stored.tenant.as_str())
+    .bind(stored.path.as_str())
+    .bind(stored.revision)
+    .bind(stored.deleted_at.map(|t| t.0))
+    .bind(stored.expires_at.map(|t| t.0))
+    .bind(stored.recoverable_until.map(|t| t.0))
+    .bind(stored.updated_at.0)
+    .bind(doc)
+    .bind(secret.revision)
+    .execute(conn)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    Ok((updated > 0).then_some(stored))
+}
+
+async fn insert_secret_version(
+    conn: &mut AnyConnection,
+    tenant: &TenantId,
+    path: &SecretPath,
+    version: &SealedSecretVersion,
+) -> Result<()> {
+    sqlx::query("INSERT INTO secret_versions (tenant, path, version, created_at, doc) VALUES ($1, $2, $3, $4, $5)")
+        .bind(tenant.as_str())
+        .bind(path.as_str())
+        .bind(i64::from(version.version))
+        .bind(version.created_at.0)
+        .bind(sealed_doc(version)?)
+        .execute(conn)
+        .await
+        .map_err(unique("that secret version already exists"))?;
+    Ok(())
+}
+
+async fn delete_secret_versions(
+    conn: &mut AnyConnection,
+    tenant: &TenantId,
+    path: &SecretPath,
+    versions: &[u32],
+) -> Result<()> {
+    for v in versions {
+        sqlx::query("DELETE FROM secret_versions WHERE tenant = $1 AND path = $2 AND version = $3")
+            .bind(tenant.as_str())
+            .bind(path.as_str())
+            .bind(i64::from(*v))
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 /// SQL `LIMIT` for a page: one more row than asked tells whether another page follows.
@@ -938,6 +1063,170 @@ impl Store for SqlStore {
         Ok(true)
     }
 
+    async fn create_secret(&self, secret: &Secret, first: &SealedSecretVersion) -> Result<Secret> {
+        // Revisions start at 1 in the store, whatever the caller passed.
+        let mut stored = secret.clone();
+        stored.revision = 1;
+        let doc = secret_doc(&stored)?;
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO secrets (tenant, path, revision, deleted_at, expires_at, recoverable_until, created_at,
+                                  updated_at, doc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(stored.tenant.as_str())
+        .bind(stored.path.as_str())
+        .bind(stored.revision)
+        .bind(stored.deleted_at.map(|t| t.0))
+        .bind(stored.expires_at.map(|t| t.0))
+        .bind(stored.recoverable_until.map(|t| t.0))
+        .bind(stored.created_at.0)
+        .bind(stored.updated_at.0)
+        .bind(doc)
+        .execute(w.conn())
+        .await
+        .map_err(unique("a secret already exists at that path"))?;
+        insert_secret_version(w.conn(), &stored.tenant, &stored.path, first).await?;
+        append_change(w.conn(), &stored.tenant, ChangeKind::Secret, stored.path.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(stored)
+    }
+
+    async fn put_secret_version(
+        &self,
+        secret: &Secret,
+        version: &SealedSecretVersion,
+        prune: &[u32],
+    ) -> Result<Option<Secret>> {
+        let mut w = self.begin_write().await?;
+        let Some(stored) = replace_secret(w.conn(), secret).await? else {
+            // Lost the race or the secret is gone: the caller reloads.
+            w.rollback().await?;
+            return Ok(None);
+        };
+        insert_secret_version(w.conn(), &stored.tenant, &stored.path, version).await?;
+        delete_secret_versions(w.conn(), &stored.tenant, &stored.path, prune).await?;
+        append_change(w.conn(), &stored.tenant, ChangeKind::Secret, stored.path.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(Some(stored))
+    }
+
+    async fn update_secret(&self, secret: &Secret, prune: &[u32]) -> Result<Option<Secret>> {
+        let mut w = self.begin_write().await?;
+        let Some(stored) = replace_secret(w.conn(), secret).await? else {
+            w.rollback().await?;
+            return Ok(None);
+        };
+        delete_secret_versions(w.conn(), &stored.tenant, &stored.path, prune).await?;
+        append_change(w.conn(), &stored.tenant, ChangeKind::Secret, stored.path.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(Some(stored))
+    }
+
+    async fn get_secret(&self, tenant: &TenantId, path: &SecretPath) -> Result<Option<Secret>> {
+        let row = sqlx::query("SELECT revision, doc FROM secrets WHERE tenant = $1 AND path = $2")
+            .bind(tenant.as_str())
+            .bind(path.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(secret_from_row).transpose()
+    }
+
+    async fn get_secret_version(
+        &self,
+        tenant: &TenantId,
+        path: &SecretPath,
+        version: u32,
+    ) -> Result<Option<SealedSecretVersion>> {
+        let doc: Option<String> =
+            sqlx::query_scalar("SELECT doc FROM secret_versions WHERE tenant = $1 AND path = $2 AND version = $3")
+                .bind(tenant.as_str())
+                .bind(path.as_str())
+                .bind(i64::from(version))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        doc.map(|d| parse_doc(&d, "secret version")).transpose()
+    }
+
+    async fn list_secrets(&self, tenant: &TenantId, filter: &SecretFilter, page: &PageRequest) -> Result<Page<Secret>> {
+        let (exact, from, to) = prefix_bounds(filter.prefix.as_ref());
+        // Paths are never empty, so "" is before every path and stands for "from the start".
+        let after = page.after.as_deref().unwrap_or("");
+        let rows = sqlx::query(list_secrets_sql(filter.deleted))
+            .bind(tenant.as_str())
+            .bind(exact)
+            .bind(from)
+            .bind(to)
+            .bind(after)
+            .bind(page_fetch_limit(page))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let secrets = rows.iter().map(secret_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(into_page(secrets, page, |s| s.path.to_string()))
+    }
+
+    async fn delete_secret(&self, tenant: &TenantId, path: &SecretPath, revision: i64) -> Result<bool> {
+        let mut w = self.begin_write().await?;
+        // Explicit rather than relying on ON DELETE CASCADE alone: the data goes whatever a connection's
+        // foreign-key setting. Rolled back below if the revision does not match.
+        sqlx::query(
+            "DELETE FROM secret_versions WHERE tenant = $1 AND path = $2
+             AND EXISTS (SELECT 1 FROM secrets WHERE tenant = $1 AND path = $2 AND revision = $3)",
+        )
+        .bind(tenant.as_str())
+        .bind(path.as_str())
+        .bind(revision)
+        .execute(w.conn())
+        .await
+        .map_err(db)?;
+        let deleted = sqlx::query("DELETE FROM secrets WHERE tenant = $1 AND path = $2 AND revision = $3")
+            .bind(tenant.as_str())
+            .bind(path.as_str())
+            .bind(revision)
+            .execute(w.conn())
+            .await
+            .map_err(db)?
+            .rows_affected()
+            > 0;
+        if !deleted {
+            // Gone, or changed since the caller read it (restored or rewritten meanwhile): keep it.
+            w.rollback().await?;
+            return Ok(false);
+        }
+        append_change(w.conn(), tenant, ChangeKind::Secret, path.as_str(), Timestamp::now()).await?;
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn secrets_due_for_purge(&self, now: Timestamp, limit: u32) -> Result<Vec<Secret>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // `deleted_at IS NOT NULL` matches the partial index's predicate, so the planner can use it.
+        let rows = sqlx::query(
+            "SELECT revision, doc FROM secrets WHERE deleted_at IS NOT NULL AND recoverable_until <= $1
+             ORDER BY recoverable_until, tenant, path LIMIT $2",
+        )
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(secret_from_row).collect()
+    }
+
+    async fn count_secrets(&self, tenant: &TenantId) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM secrets WHERE tenant = $1 AND deleted_at IS NULL")
+            .bind(tenant.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        u64::try_from(n).map_err(Error::storage)
+    }
+
     async fn heartbeat(&self, id: &str, info: &serde_json::Value) -> Result<()> {
         if !is_document_id(id) {
             return Err(Error::invalid("the replica id must be 1 to 256 printable ASCII characters"));
@@ -1010,7 +1299,7 @@ mod tests {
 
     use super::*;
     use crate::migrate::{MIGRATIONS, Migration};
-    use crate::testsuite::{key_id, sample_key, tenant};
+    use crate::testsuite::{key_id, sample_key, sample_secret, sealed_version, tenant};
 
     fn temp_url(dir: &tempfile::TempDir) -> String {
         format!("sqlite://{}/kms.db", dir.path().display())
@@ -1113,6 +1402,8 @@ mod tests {
         let url = temp_url(&dir);
         // What the first release left behind: step 1 only, with a key in it.
         let store = SqlStore::open(&url).await.expect("open");
+        sqlx::query("DROP TABLE secret_versions").execute(store.pool()).await.expect("drop");
+        sqlx::query("DROP TABLE secrets").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE documents").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE replicas").execute(store.pool()).await.expect("drop");
         sqlx::query("DELETE FROM schema_migrations WHERE version > 1").execute(store.pool()).await.expect("forget");
@@ -1124,7 +1415,46 @@ mod tests {
         let d = Document::new("x", "y", tenant("acme"), serde_json::json!({}));
         assert!(store.put_document(&d, Precondition::Absent).await.expect("put").is_some());
         store.heartbeat("r", &serde_json::json!({})).await.expect("heartbeat");
+        let secret = sample_secret("acme", "after/upgrade");
+        store.create_secret(&secret, &sealed_version(1, 1)).await.expect("secrets work after the upgrade");
         assert!(migrate::run(store.pool(), Dialect::Sqlite).await.expect("rerun").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_secret_record_is_a_storage_failure_that_does_not_leak_it() {
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        let secret = sample_secret("acme", "app/db");
+        store.create_secret(&secret, &sealed_version(1, 1)).await.expect("create");
+        sqlx::query("UPDATE secrets SET doc = '{\"metadata\": {\"owner\": \"hunter2'")
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+        sqlx::query("UPDATE secret_versions SET doc = '{\"wrapped_key\": \"hunter3'")
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+        let path = secret.path.clone();
+        let err = store.get_secret(&tenant("acme"), &path).await.expect_err("corrupt record");
+        assert_eq!((err.kind(), err.message()), (ErrorKind::StorageFailure, "the store failed"));
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+        let filter = kmsgate_core::SecretFilter::default();
+        let err = store.list_secrets(&tenant("acme"), &filter, &PageRequest::first(1)).await.expect_err("corrupt");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        let err = store.get_secret_version(&tenant("acme"), &path, 1).await.expect_err("corrupt version");
+        assert_eq!(err.kind(), ErrorKind::StorageFailure);
+        assert!(!format!("{err:?}").contains("hunter3"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn deleting_a_secret_row_cascades_to_its_versions() {
+        // The foreign key is the backstop behind delete_secret's explicit delete.
+        let store = SqlStore::open("sqlite::memory:").await.expect("open");
+        let secret = sample_secret("acme", "app/db");
+        store.create_secret(&secret, &sealed_version(1, 1)).await.expect("create");
+        sqlx::query("DELETE FROM secrets").execute(store.pool()).await.expect("delete");
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM secret_versions").fetch_one(store.pool()).await.expect("count");
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::time::Duration;
 
+use kmsgate_core::secret::{DeletedFilter, SealedSecretVersion, Secret, SecretFilter, SecretPath};
 use kmsgate_core::{
     AliasEntry, AliasName, BackendHandle, ChangeKind, Document, ErrorKind, Key, KeyId, KeyOrigin, KeySpec, KeyState,
     KeyUsage, KeyUsageSet, KeyVersion, PageRequest, Precondition, Result, Store, Tenant, TenantId, Timestamp,
@@ -72,6 +73,14 @@ macro_rules! store_testsuite {
             document_kinds_and_ids_are_validated,
             concurrent_document_writes_one_wins,
             heartbeats,
+            secrets_create_and_get,
+            secret_versions_are_optimistic_and_pruned,
+            update_secret_is_optimistic,
+            list_secrets_filters_and_pages,
+            delete_secret_removes_its_versions,
+            secrets_due_for_purge_across_tenants,
+            concurrent_secret_writes_one_wins,
+            secret_mutations_append_changes,
         );
     };
     ($fixture:expr) => {
@@ -1217,4 +1226,406 @@ pub async fn concurrent_handles(a: &dyn Store, b: &dyn Store) {
     assert_eq!(changes.len(), 40);
     assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(a.latest_change().await.expect("latest"), b.latest_change().await.expect("latest"));
+}
+
+// ---- secrets ---------------------------------------------------------------------------------------------
+
+pub fn secret_path(s: &str) -> SecretPath {
+    SecretPath::parse(s).expect("test secret path")
+}
+
+/// Sealed data for `version`, distinguishable by `marker`: every byte value in the ciphertext, a UUID key version.
+pub fn sealed_version(version: u32, marker: u8) -> SealedSecretVersion {
+    SealedSecretVersion {
+        format: 1,
+        version,
+        key_id: key_id("internal-secrets-key"),
+        key_version: Uuid::new_v4(),
+        wrapped_key: vec![marker; 60],
+        iv: vec![marker; 12],
+        ciphertext: (0..=255u8).chain([marker]).collect(),
+        created_at: Timestamp(1_700_000_000_000 + i64::from(version)),
+    }
+}
+
+/// A secret record with its first version, exercising every field: non-ASCII and quoted metadata, an expiry,
+/// a custom version id and stage.
+pub fn sample_secret(tenant_id: &str, path: &str) -> Secret {
+    let mut s = Secret::new(tenant(tenant_id), secret_path(path), Timestamp(1_700_000_000_000));
+    s.secret_type = "json".to_owned();
+    s.metadata = json!({
+        "description": "mot de passe ✓ \"quoted\" \\ '; DROP TABLE secrets; --",
+        "tags": ["prod", "db"],
+        "owner": "team-platform",
+        "custom": {"nested": [1, 2.5, null, true]}
+    });
+    s.max_versions = 3;
+    s.expires_at = Some(Timestamp(1_900_000_000_000));
+    s.add_version(Some("v1"), &["current".to_owned(), "blue".to_owned()], Timestamp(1_700_000_000_001), "alice")
+        .expect("first version");
+    s
+}
+
+async fn create_secret(s: &dyn Store, t: &str, path: &str) -> Secret {
+    s.create_secret(&sample_secret(t, path), &sealed_version(1, 1)).await.expect("create_secret")
+}
+
+/// Appends a version to `current` (the stored record) and writes it; returns the stored record.
+async fn put_next(s: &dyn Store, current: &Secret, marker: u8) -> Secret {
+    let mut next = current.clone();
+    let v = next.add_version(None, &["current".to_owned()], Timestamp::now(), "bob").expect("add_version");
+    let prune = next.prune();
+    s.put_secret_version(&next, &sealed_version(v, marker), &prune).await.expect("put").expect("revision matched")
+}
+
+async fn soft_delete(s: &dyn Store, current: &Secret, until: Timestamp) -> Secret {
+    let mut deleted = current.clone();
+    deleted.deleted_at = Some(Timestamp(until.0 - 1000));
+    deleted.recoverable_until = Some(until);
+    s.update_secret(&deleted, &[]).await.expect("update").expect("revision matched")
+}
+
+async fn version_rows(s: &dyn Store, t: &str, path: &str, upto: u32) -> Vec<u32> {
+    let mut present = Vec::new();
+    for v in 0..=upto {
+        if s.get_secret_version(&tenant(t), &secret_path(path), v).await.expect("get_secret_version").is_some() {
+            present.push(v);
+        }
+    }
+    present
+}
+
+fn paths(secrets: &[Secret]) -> Vec<String> {
+    secrets.iter().map(|s| s.path.to_string()).collect()
+}
+
+/// `create_secret` stores the record and its first version; reads are per tenant; a duplicate path, even
+/// soft-deleted, is `AlreadyExists` and writes nothing.
+pub async fn secrets_create_and_get(s: &dyn Store) {
+    let (t, p) = (tenant("acme"), secret_path("app/db/password"));
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), None);
+    assert_eq!(s.get_secret_version(&t, &p, 1).await.expect("get version"), None);
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 0);
+    assert!(s.secrets_due_for_purge(Timestamp(i64::MAX), 10).await.expect("due").is_empty());
+
+    let input = sample_secret("acme", "app/db/password");
+    let first = sealed_version(1, 7);
+    let stored = s.create_secret(&input, &first).await.expect("create_secret");
+    assert_eq!(stored.revision, 1, "the store starts revisions at 1");
+    assert_eq!(Secret { revision: input.revision, ..stored.clone() }, input, "only the revision differs");
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(stored.clone()));
+    assert_eq!(s.get_secret_version(&t, &p, 1).await.expect("get version"), Some(first.clone()));
+    assert_eq!(s.get_secret_version(&t, &p, 2).await.expect("get version"), None);
+    assert_eq!(s.get_secret(&tenant("other"), &p).await.expect("get"), None, "secrets are per tenant");
+    assert_eq!(s.get_secret_version(&tenant("other"), &p, 1).await.expect("get version"), None);
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 1);
+
+    let before = feed(s).await;
+    let mut again = sample_secret("acme", "app/db/password");
+    again.secret_type = "kv".to_owned();
+    let r = s.create_secret(&again, &sealed_version(1, 9)).await;
+    assert_eq!(kind_of(r), ErrorKind::AlreadyExists);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(stored.clone()), "the first secret is untouched");
+    assert_eq!(s.get_secret_version(&t, &p, 1).await.expect("get version"), Some(first.clone()));
+    assert_eq!(feed(s).await, before, "a failed create appends no change");
+
+    // Soft-deleted, the path is still taken.
+    let deleted = soft_delete(s, &stored, Timestamp(1_800_000_000_000)).await;
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(deleted.clone()), "soft-deleted records are read");
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 0, "soft-deleted secrets do not count");
+    let r = s.create_secret(&sample_secret("acme", "app/db/password"), &sealed_version(1, 9)).await;
+    assert_eq!(kind_of(r), ErrorKind::AlreadyExists);
+    assert_eq!(s.get_secret_version(&t, &p, 1).await.expect("get version"), Some(first));
+
+    // The same path in another tenant is another secret.
+    let other = create_secret(s, "other", "app/db/password").await;
+    assert_eq!(s.get_secret(&tenant("other"), &p).await.expect("get"), Some(other));
+    assert_eq!(s.count_secrets(&tenant("other")).await.expect("count"), 1);
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 0);
+}
+
+/// `put_secret_version` writes the record, the new version and the pruning in one step, only at the expected
+/// revision; a lost race, a gone secret or a duplicate version number writes nothing.
+pub async fn secret_versions_are_optimistic_and_pruned(s: &dyn Store) {
+    let (t, p) = (tenant("acme"), secret_path("app/key"));
+    let mut current = create_secret(s, "acme", "app/key").await;
+    for marker in 2..=5u8 {
+        let next = put_next(s, &current, marker).await;
+        assert_eq!(next.revision, current.revision + 1);
+        assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(next.clone()));
+        current = next;
+    }
+    // max_versions = 3, and version 1 holds the custom stage `blue`: it stays, 2 and 3 were pruned.
+    assert_eq!(current.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 4, 5]);
+    assert_eq!(version_rows(s, "acme", "app/key", 6).await, vec![1, 4, 5], "pruned data is deleted");
+    let v5 = s.get_secret_version(&t, &p, 5).await.expect("get").expect("version 5");
+    assert_eq!((v5.version, v5.iv.clone()), (5, vec![5; 12]));
+
+    // A writer still holding the previous revision lost the race: neither the version nor the pruning lands.
+    let mut stale = current.clone();
+    stale.revision -= 1;
+    let v = stale.add_version(None, &[], Timestamp::now(), "eve").expect("add");
+    assert_eq!(s.put_secret_version(&stale, &sealed_version(v, 66), &[4]).await.expect("put"), None);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(current.clone()));
+    assert_eq!(version_rows(s, "acme", "app/key", 7).await, vec![1, 4, 5]);
+
+    // A version number that already has data: nothing is written, not even the record.
+    let mut dup = current.clone();
+    dup.metadata = json!({"changed": true});
+    let r = s.put_secret_version(&dup, &sealed_version(5, 77), &[]).await;
+    assert_eq!(kind_of(r), ErrorKind::AlreadyExists);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(current.clone()));
+    assert_eq!(s.get_secret_version(&t, &p, 5).await.expect("get"), Some(v5));
+
+    // A secret that does not exist (or in another tenant) is `None`, not an error.
+    let mut ghost = sample_secret("acme", "ghost");
+    ghost.revision = 1;
+    assert_eq!(s.put_secret_version(&ghost, &sealed_version(2, 1), &[]).await.expect("put"), None);
+    assert_eq!(s.get_secret_version(&t, &secret_path("ghost"), 2).await.expect("get"), None);
+    let mut elsewhere = current.clone();
+    elsewhere.tenant = tenant("other");
+    assert_eq!(s.put_secret_version(&elsewhere, &sealed_version(6, 1), &[]).await.expect("put"), None);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(current));
+}
+
+/// `update_secret` replaces the record (and prunes) only at the expected revision; soft deletion and
+/// restore go through it.
+pub async fn update_secret_is_optimistic(s: &dyn Store) {
+    let (t, p) = (tenant("acme"), secret_path("svc/token"));
+    let mut current = create_secret(s, "acme", "svc/token").await;
+    current = put_next(s, &current, 2).await;
+    current = put_next(s, &current, 3).await;
+
+    let mut patch = current.clone();
+    patch.metadata = json!({"description": "rotated ✓"});
+    patch.max_versions = 1;
+    patch.expires_at = None;
+    let prune = patch.prune();
+    assert_eq!(prune, vec![2], "1 is pinned by `blue`, 3 by `current`");
+    let updated = s.update_secret(&patch, &prune).await.expect("update").expect("matched");
+    assert_eq!(updated.revision, current.revision + 1);
+    assert_eq!(Secret { revision: current.revision, ..updated.clone() }, patch);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(updated.clone()));
+    assert_eq!(version_rows(s, "acme", "svc/token", 4).await, vec![1, 3]);
+
+    // Stale and future revisions do not match.
+    assert_eq!(s.update_secret(&current, &[1]).await.expect("update"), None);
+    let mut future = updated.clone();
+    future.revision += 5;
+    assert_eq!(s.update_secret(&future, &[]).await.expect("update"), None);
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(updated.clone()));
+    assert_eq!(version_rows(s, "acme", "svc/token", 4).await, vec![1, 3], "a lost race prunes nothing");
+
+    // Soft delete and restore are updates too; the columns queries use follow the record.
+    let deleted = soft_delete(s, &updated, Timestamp(1_800_000_000_000)).await;
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 0);
+    let only = SecretFilter { prefix: None, deleted: DeletedFilter::Only };
+    assert_eq!(paths(&s.list_secrets(&t, &only, &PageRequest::first(10)).await.expect("list").items), ["svc/token"]);
+    let mut restored = deleted.clone();
+    restored.deleted_at = None;
+    restored.recoverable_until = None;
+    let restored = s.update_secret(&restored, &[]).await.expect("update").expect("matched");
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 1);
+    assert!(s.list_secrets(&t, &only, &PageRequest::first(10)).await.expect("list").items.is_empty());
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(restored));
+
+    let mut ghost = sample_secret("acme", "ghost");
+    ghost.revision = 1;
+    assert_eq!(s.update_secret(&ghost, &[]).await.expect("update"), None);
+}
+
+/// `list_secrets` pages a tenant's records in byte order; a prefix selects segment-wise (`a/b` and `a/b/...`,
+/// never `a/bc` or `a/b.x`); the deletion filter selects active, deleted or both.
+pub async fn list_secrets_filters_and_pages(s: &dyn Store) {
+    let t = tenant("acme");
+    let all = [
+        "a", "a/b", "a/b/c", "a/b/c/d", "a/b/z", "a/b+x", "a/b-c", "a/b.d", "a/b0", "a/b=", "a/b@x", "a/bc", "A", "b",
+        "Z/a", "0",
+    ];
+    for p in all {
+        create_secret(s, "acme", p).await;
+    }
+    create_secret(s, "other", "a/b/other").await;
+    let mut sorted: Vec<String> = all.iter().map(|p| (*p).to_owned()).collect();
+    sorted.sort();
+
+    let t = &t;
+    let list = |prefix: Option<&str>, deleted: DeletedFilter, after: Option<&str>, limit: u32| {
+        let filter = SecretFilter { prefix: prefix.map(secret_path), deleted };
+        let page = PageRequest { after: after.map(str::to_owned), limit };
+        async move { s.list_secrets(t, &filter, &page).await.expect("list_secrets") }
+    };
+
+    let everything = list(None, DeletedFilter::Exclude, None, 100).await;
+    assert_eq!(paths(&everything.items), sorted, "byte order, this tenant only");
+    assert_eq!(everything.next, None);
+
+    let under = list(Some("a/b"), DeletedFilter::Exclude, None, 100).await;
+    assert_eq!(paths(&under.items), ["a/b", "a/b/c", "a/b/c/d", "a/b/z"]);
+    assert_eq!(paths(&list(Some("a/b/c"), DeletedFilter::Exclude, None, 100).await.items), ["a/b/c", "a/b/c/d"]);
+    assert_eq!(paths(&list(Some("a/bc"), DeletedFilter::Exclude, None, 100).await.items), ["a/bc"]);
+    assert!(list(Some("a/b/c/d/e"), DeletedFilter::Exclude, None, 100).await.items.is_empty());
+    assert!(list(Some("zz"), DeletedFilter::Exclude, None, 100).await.items.is_empty());
+
+    // Pages of 2 under a/b, then the whole listing page by page.
+    let p1 = list(Some("a/b"), DeletedFilter::Exclude, None, 2).await;
+    assert_eq!((paths(&p1.items), p1.next.as_deref()), (vec!["a/b".to_owned(), "a/b/c".to_owned()], Some("a/b/c")));
+    let p2 = list(Some("a/b"), DeletedFilter::Exclude, p1.next.as_deref(), 2).await;
+    assert_eq!((paths(&p2.items), p2.next), (vec!["a/b/c/d".to_owned(), "a/b/z".to_owned()], None));
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = list(None, DeletedFilter::Exclude, after.as_deref(), 3).await;
+        assert!(page.items.len() <= 3);
+        walked.extend(paths(&page.items));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(walked, sorted);
+
+    // Deletion filter.
+    let victim = s.get_secret(t, &secret_path("a/b/c")).await.expect("get").expect("exists");
+    soft_delete(s, &victim, Timestamp(1_800_000_000_000)).await;
+    assert_eq!(paths(&list(Some("a/b"), DeletedFilter::Exclude, None, 100).await.items), ["a/b", "a/b/c/d", "a/b/z"]);
+    assert_eq!(paths(&list(Some("a/b"), DeletedFilter::Only, None, 100).await.items), ["a/b/c"]);
+    assert_eq!(
+        paths(&list(Some("a/b"), DeletedFilter::Include, None, 100).await.items),
+        ["a/b", "a/b/c", "a/b/c/d", "a/b/z"]
+    );
+    assert_eq!(list(None, DeletedFilter::Include, None, 100).await.items.len(), all.len());
+    assert_eq!(list(None, DeletedFilter::Only, None, 100).await.items.len(), 1);
+    assert_eq!(s.count_secrets(t).await.expect("count"), u64::try_from(all.len() - 1).expect("small"));
+}
+
+/// `delete_secret` removes the record and all its versions only at the expected revision, and frees the path.
+pub async fn delete_secret_removes_its_versions(s: &dyn Store) {
+    let (t, p) = (tenant("acme"), secret_path("gone/soon"));
+    let created = create_secret(s, "acme", "gone/soon").await;
+    let current = put_next(s, &created, 2).await;
+    let twin = create_secret(s, "other", "gone/soon").await;
+    let before = feed(s).await.len();
+
+    assert!(!s.delete_secret(&t, &p, created.revision).await.expect("delete"), "a stale revision keeps it");
+    assert!(!s.delete_secret(&t, &p, current.revision + 1).await.expect("delete"));
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(current.clone()));
+    assert_eq!(version_rows(s, "acme", "gone/soon", 3).await, vec![1, 2], "a refused delete removes no data");
+    assert_eq!(feed(s).await.len(), before, "refused deletes append no change");
+
+    assert!(s.delete_secret(&t, &p, current.revision).await.expect("delete"));
+    assert_eq!(s.get_secret(&t, &p).await.expect("get"), None);
+    assert!(version_rows(s, "acme", "gone/soon", 3).await.is_empty(), "every version's data is gone");
+    assert!(!s.delete_secret(&t, &p, current.revision).await.expect("delete"), "already gone");
+    assert_eq!(s.get_secret(&tenant("other"), &p).await.expect("get"), Some(twin), "only this tenant's");
+    assert_eq!(version_rows(s, "other", "gone/soon", 3).await, vec![1]);
+
+    // The path is free again, and the new secret starts afresh.
+    let again = create_secret(s, "acme", "gone/soon").await;
+    assert_eq!(again.revision, 1);
+    assert_eq!(version_rows(s, "acme", "gone/soon", 3).await, vec![1]);
+}
+
+/// `secrets_due_for_purge` returns soft-deleted secrets of every tenant whose retention ended, oldest first.
+pub async fn secrets_due_for_purge_across_tenants(s: &dyn Store) {
+    let mut due = Vec::new();
+    for (t, p, until) in [("acme", "x/1", 300), ("other", "x/2", 100), ("acme", "x/3", 200), ("acme", "x/4", 900)] {
+        let created = create_secret(s, t, p).await;
+        due.push(soft_delete(s, &created, Timestamp(until)).await);
+    }
+    let mut active = create_secret(s, "acme", "x/active").await;
+    // An active record whose (stale) recoverable_until is in the past is never due.
+    active.recoverable_until = Some(Timestamp(50));
+    s.update_secret(&active, &[]).await.expect("update").expect("matched");
+
+    let found = s.secrets_due_for_purge(Timestamp(300), 10).await.expect("due");
+    assert_eq!(paths(&found), ["x/2", "x/3", "x/1"], "ordered by recoverable_until, `now` inclusive");
+    assert_eq!(found[0], due[1], "whole records, with their revision");
+    assert_eq!(paths(&s.secrets_due_for_purge(Timestamp(300), 2).await.expect("due")), ["x/2", "x/3"]);
+    assert!(s.secrets_due_for_purge(Timestamp(99), 10).await.expect("due").is_empty());
+    assert!(s.secrets_due_for_purge(Timestamp(300), 0).await.expect("due").is_empty());
+    assert_eq!(s.secrets_due_for_purge(Timestamp(i64::MAX), 10).await.expect("due").len(), 4);
+}
+
+/// Concurrent writers: of two version writes (or updates) at the same revision exactly one lands with its
+/// data; of two creates of one path exactly one succeeds.
+pub async fn concurrent_secret_writes_one_wins(s: &dyn Store) {
+    let (t, p) = (tenant("acme"), secret_path("hot/secret"));
+    let mut current = create_secret(s, "acme", "hot/secret").await;
+    for round in 0..10u8 {
+        let (mut a, mut b) = (current.clone(), current.clone());
+        let va = a.add_version(None, &["current".to_owned()], Timestamp::now(), "a").expect("add");
+        let vb = b.add_version(None, &["current".to_owned()], Timestamp::now(), "b").expect("add");
+        assert_eq!(va, vb, "both writers computed the same next version");
+        let (pa, pb) = (a.prune(), b.prune());
+        let (sa, sb) = (sealed_version(va, 100 + round), sealed_version(vb, 200 + round));
+        let (ra, rb) = tokio::join!(s.put_secret_version(&a, &sa, &pa), s.put_secret_version(&b, &sb, &pb));
+        let (winner, data) = match (ra.expect("put a"), rb.expect("put b")) {
+            (Some(w), None) => (w, sa),
+            (None, Some(w)) => (w, sb),
+            other => panic!("exactly one concurrent version write must win, got {other:?}"),
+        };
+        assert_eq!(winner.revision, current.revision + 1);
+        assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(winner.clone()));
+        assert_eq!(s.get_secret_version(&t, &p, va).await.expect("get"), Some(data), "the winner's data");
+        current = winner;
+    }
+    assert_eq!(current.latest_version, 11);
+
+    let (mut a, mut b) = (current.clone(), current.clone());
+    a.metadata = json!({"by": "a"});
+    b.metadata = json!({"by": "b"});
+    let (ra, rb) = tokio::join!(s.update_secret(&a, &[]), s.update_secret(&b, &[]));
+    match (ra.expect("update a"), rb.expect("update b")) {
+        (Some(w), None) | (None, Some(w)) => assert_eq!(s.get_secret(&t, &p).await.expect("get"), Some(w)),
+        other => panic!("exactly one concurrent update must win, got {other:?}"),
+    }
+
+    let (x, y) = (sample_secret("acme", "race"), sample_secret("acme", "race"));
+    let (sx, sy) = (sealed_version(1, 1), sealed_version(1, 2));
+    let (rx, ry) = tokio::join!(s.create_secret(&x, &sx), s.create_secret(&y, &sy));
+    let data = match (rx, ry) {
+        (Ok(_), Err(e)) => {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+            sx
+        }
+        (Err(e), Ok(_)) => {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+            sy
+        }
+        other => panic!("exactly one concurrent create_secret wins: {other:?}"),
+    };
+    assert_eq!(s.get_secret_version(&t, &secret_path("race"), 1).await.expect("get"), Some(data));
+    assert_eq!(s.count_secrets(&t).await.expect("count"), 2);
+}
+
+/// Every successful secret mutation appends one `Secret` change (id = path) for the secret's tenant; refused
+/// ones append none.
+pub async fn secret_mutations_append_changes(s: &dyn Store) {
+    let t = tenant("acme");
+    let p = "feed/s";
+    let created = create_secret(s, "acme", p).await;
+    let next = put_next(s, &created, 2).await;
+    let mut patch = next.clone();
+    patch.metadata = json!({});
+    let patched = s.update_secret(&patch, &[]).await.expect("update").expect("matched");
+    // Refused: duplicate create, stale put, stale update, stale delete.
+    assert!(s.create_secret(&sample_secret("acme", p), &sealed_version(1, 1)).await.is_err());
+    let mut stale = created.clone();
+    stale.add_version(None, &[], Timestamp::now(), "x").expect("add");
+    assert_eq!(s.put_secret_version(&stale, &sealed_version(3, 3), &[]).await.expect("put"), None);
+    assert_eq!(s.update_secret(&created, &[]).await.expect("update"), None);
+    assert!(!s.delete_secret(&t, &secret_path(p), created.revision).await.expect("delete"));
+    assert!(s.delete_secret(&t, &secret_path(p), patched.revision).await.expect("delete"));
+    create_secret(s, "other", p).await;
+    assert_eq!(
+        feed(s).await,
+        vec![
+            change("acme", ChangeKind::Secret, p),
+            change("acme", ChangeKind::Secret, p),
+            change("acme", ChangeKind::Secret, p),
+            change("acme", ChangeKind::Secret, p),
+            change("other", ChangeKind::Secret, p),
+        ]
+    );
 }
