@@ -8,6 +8,7 @@
 //! With the `testsuite` feature, [`testsuite`] holds the behavioural tests every `Store` must pass, written
 //! against `&dyn Store` so each dialect runs the same suite.
 
+mod copy;
 mod dialect;
 mod errors;
 mod migrate;
@@ -15,5 +16,6 @@ mod sql_store;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 
+pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use sql_store::{SqlStore, StoreOptions};

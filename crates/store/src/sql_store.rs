@@ -69,17 +69,17 @@ pub struct SqlStore {
 
 /// A write transaction and, on SQLite, this process's writer slot. Fields drop in order: the transaction
 /// rolls back (if not committed) before the slot is released.
-struct WriteTx<'a> {
+pub(crate) struct WriteTx<'a> {
     tx: Transaction<'static, Any>,
     _slot: Option<MutexGuard<'a, ()>>,
 }
 
 impl WriteTx<'_> {
-    fn conn(&mut self) -> &mut AnyConnection {
+    pub(crate) fn conn(&mut self) -> &mut AnyConnection {
         &mut self.tx
     }
 
-    async fn commit(self) -> Result<()> {
+    pub(crate) async fn commit(self) -> Result<()> {
         self.tx.commit().await.map_err(db)
     }
 
@@ -171,7 +171,7 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    async fn begin_write(&self) -> Result<WriteTx<'_>> {
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx<'_>> {
         let slot = match &self.write_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,
@@ -183,7 +183,6 @@ impl SqlStore {
         Ok(WriteTx { tx, _slot: slot })
     }
 
-    #[cfg(test)]
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

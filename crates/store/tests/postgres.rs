@@ -166,3 +166,15 @@ async fn an_unreachable_server_is_a_storage_error_without_the_password() {
     assert!(matches!(err.kind(), ErrorKind::StorageFailure | ErrorKind::DependencyTimeout), "{err:?}");
     assert!(!err.message().contains("hunter2"));
 }
+
+/// `store migrate` from the embedded SQLite default into PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_sqlite_into_postgres() {
+    let server = server_url().await;
+    let (_schema, url) = fresh_schema(&server).await;
+    let src = SqlStore::open("sqlite::memory:").await.expect("open sqlite");
+    testsuite::populate_for_copy(&src).await;
+    let dst = SqlStore::open_with(&url, options()).await.expect("open postgres");
+    src.copy_into(&dst).await.expect("copy");
+    testsuite::check_copied(&src, &dst).await;
+}

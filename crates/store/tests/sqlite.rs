@@ -229,3 +229,19 @@ fn acknowledged_writes_survive_sigkill() {
         store.create_key(&sample_key("acme", "after-crash"), &[]).await.expect("the file is writable");
     });
 }
+
+/// `store migrate`: everything moves into an empty store, and a non-empty destination is refused.
+#[tokio::test]
+async fn copy_into_an_empty_store() {
+    let src = SqlStore::open("sqlite::memory:").await.expect("open source");
+    testsuite::populate_for_copy(&src).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = SqlStore::open(&file_url(&dir)).await.expect("open destination");
+    let report = src.copy_into(&dst).await.expect("copy");
+    let count = |name: &str| report.tables.iter().find(|(t, _)| *t == name).map(|(_, n)| *n);
+    assert_eq!((count("keys"), count("aliases"), count("secret_versions")), (Some(2), Some(1), Some(1)));
+    testsuite::check_copied(&src, &dst).await;
+    let err = src.copy_into(&dst).await.expect_err("the destination now holds data");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+    assert!(err.message().contains("not empty"), "{}", err.message());
+}
