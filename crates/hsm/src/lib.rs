@@ -1,6 +1,7 @@
 //! kmsgate-hsm: key backends behind core's [`KeyBackend`](kmsgate_core::KeyBackend) trait.
 //!
-//! This crate holds the **software** backend ([`SoftwareBackend`]), the embedded default. All crypto goes
+//! This crate holds the **PKCS#11** backend ([`Pkcs11Backend`], one per HSM fleet member; see its module docs and
+//! `docs/hsm.md`) and the **software** backend ([`SoftwareBackend`]), the embedded default. All crypto goes
 //! through aws-lc-rs: AES-256-GCM (caller IV of 12 bytes, AAD, output `ciphertext || 16-byte tag`), RSA-2048/3072
 //! (PKCS#1 v1.5 and PSS signatures over a SHA-256 digest, PSS with MGF1-SHA-256 and a 32-byte salt;
 //! RSAES-OAEP-SHA-256 with MGF1-SHA-256), ECDSA P-256 with SHA-256 (DER `Ecdsa-Sig-Value` signatures),
@@ -66,7 +67,13 @@
 
 mod handle;
 mod kek;
+mod pkcs11;
 mod software;
 
+/// The cryptoki version this crate is built on, for callers of [`Pkcs11Backend::with_session`].
+pub use cryptoki;
 pub use kek::{FINGERPRINT_LEN, KEK_LEN, Kek};
+pub use pkcs11::{
+    AdoptBy, AdoptedKey, LibraryInfo, Pkcs11Backend, Pkcs11Config, Pkcs11Status, PoolStatus, SlotStatus, TokenSummary,
+};
 pub use software::{SoftwareBackend, SoftwareConfig};

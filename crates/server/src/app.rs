@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kmsgate_core::{Caller, Dispatcher, DispatcherConfig, PageRequest, Store, TenantId};
-use kmsgate_hsm::{Kek, SoftwareBackend};
+use kmsgate_hsm::{Kek, Pkcs11Backend, SoftwareBackend};
 use kmsgate_store::{SqlStore, StoreOptions};
 
 use crate::config::Config;
@@ -25,6 +25,8 @@ pub struct App {
     pub config: Arc<Config>,
     pub dispatcher: Dispatcher,
     pub tenant: TenantId,
+    /// The PKCS#11 fleet members (also registered in the dispatcher), for `kmsgate hsm` and key adoption.
+    pub pkcs11: Vec<Arc<Pkcs11Backend>>,
 }
 
 impl App {
@@ -59,6 +61,14 @@ impl App {
 
         let kek = load_kek(&config, store.as_ref(), &mut boot).await?;
         let software = SoftwareBackend::new(config.backend.software.name.clone(), kek);
+        let mut pkcs11 = Vec::with_capacity(config.backend.pkcs11.len());
+        for member in &config.backend.pkcs11 {
+            let backend = Pkcs11Backend::start(member.clone())
+                .await
+                .map_err(core_err)
+                .with_context(|| format!("cannot start the PKCS#11 backend {}", member.name))?;
+            pkcs11.push(Arc::new(backend));
+        }
 
         let mut dcfg = DispatcherConfig::default();
         dcfg.backend_deadline = Duration::from_millis(config.backend.deadline_ms);
@@ -69,16 +79,14 @@ impl App {
         dcfg.max_plaintext = config.limits.max_plaintext_bytes;
         dcfg.max_aad = config.limits.max_aad_bytes;
         dcfg.max_keys_per_tenant = (config.limits.max_keys_per_tenant > 0).then_some(config.limits.max_keys_per_tenant);
-        let dispatcher = Dispatcher::builder(store)
-            .backend(Arc::new(software))
-            .config(dcfg)
-            .build()
-            .await
-            .map_err(core_err)
-            .context("cannot start the dispatcher")?;
+        let mut builder = Dispatcher::builder(store).backend(Arc::new(software));
+        for member in &pkcs11 {
+            builder = builder.backend(member.clone());
+        }
+        let dispatcher = builder.config(dcfg).build().await.map_err(core_err).context("cannot start the dispatcher")?;
         let tenant = TenantId::parse(&config.default_tenant).map_err(core_err)?;
         dispatcher.ensure_tenant(&tenant).await.map_err(core_err).context("cannot create the default tenant")?;
-        Ok((App { config: Arc::new(config), dispatcher, tenant }, boot))
+        Ok((App { config: Arc::new(config), dispatcher, tenant, pkcs11 }, boot))
     }
 
     /// The local administrator of the default tenant.

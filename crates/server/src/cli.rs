@@ -41,6 +41,8 @@ pub enum KeysCommand {
     },
     /// Add a new version of the key's material and make it primary; old ciphertexts still decrypt.
     Rotate { key: String },
+    /// Adopt a key that already exists in a PKCS#11 HSM, found by --label or --id (hex CKA_ID).
+    ImportHsm(crate::hsm_cli::ImportHsmArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +104,10 @@ fn parse<T>(r: kmsgate_core::Result<T>, what: &str) -> anyhow::Result<T> {
 }
 
 pub async fn keys(config: Config, cmd: KeysCommand, json_out: bool) -> anyhow::Result<ExitCode> {
+    let cmd = match cmd {
+        KeysCommand::ImportHsm(args) => return crate::hsm_cli::import_hsm(config, args, json_out).await,
+        other => other,
+    };
     // Validate everything the user typed before touching the store.
     let create = match &cmd {
         KeysCommand::Create(a) => Some(create_request(a)?),
@@ -114,7 +120,7 @@ pub async fn keys(config: Config, cmd: KeysCommand, json_out: bool) -> anyhow::R
         | KeysCommand::ScheduleDeletion { key, .. }
         | KeysCommand::CancelDeletion { key, .. }
         | KeysCommand::Rotate { key } => Some(parse(KeyRef::parse(key), "key")?),
-        KeysCommand::Create(_) | KeysCommand::List(_) => None,
+        KeysCommand::Create(_) | KeysCommand::List(_) | KeysCommand::ImportHsm(_) => None,
     };
     if let KeysCommand::ScheduleDeletion { days, .. } = &cmd
         && !(7..=366).contains(days)

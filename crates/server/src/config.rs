@@ -30,6 +30,12 @@ pub struct Config {
     pub backend: BackendConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    /// The AWS KMS External Key Store proxy API (docs/xks.md).
+    #[serde(default)]
+    pub xks: kmsgate_xks::XksConfig,
+    /// The Alibaba Cloud KMS instance API (docs/alibaba.md).
+    #[serde(default)]
+    pub alibaba: kmsgate_alibaba::AlibabaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,6 +127,9 @@ pub struct BackendConfig {
     /// Deadline of one backend call, in milliseconds.
     pub deadline_ms: u64,
     pub software: SoftwareConfig,
+    /// PKCS#11 HSM fleet members (`[[backend.pkcs11]]`), each registered as a backend of its own name.
+    #[serde(default)]
+    pub pkcs11: Vec<kmsgate_hsm::Pkcs11Config>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -165,6 +174,8 @@ impl Default for Config {
             backend: BackendConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
+            xks: kmsgate_xks::XksConfig::default(),
+            alibaba: kmsgate_alibaba::AlibabaConfig::default(),
         }
     }
 }
@@ -190,7 +201,12 @@ impl Default for LogConfig {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { default: "software".to_owned(), deadline_ms: 200, software: SoftwareConfig::default() }
+        BackendConfig {
+            default: "software".to_owned(),
+            deadline_ms: 200,
+            software: SoftwareConfig::default(),
+            pkcs11: Vec::new(),
+        }
     }
 }
 
@@ -242,6 +258,8 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.xks.validate()?;
+        self.alibaba.validate().map_err(anyhow::Error::msg)?;
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {
@@ -255,6 +273,21 @@ impl Config {
         }
         if self.backend.software.kek_file.is_some() && self.backend.software.kek_env.is_some() {
             bail!("set only one of backend.software.kek_file and backend.software.kek_env");
+        }
+        let mut names = vec![self.backend.software.name.as_str()];
+        for (i, member) in self.backend.pkcs11.iter().enumerate() {
+            member.validate().map_err(|e| anyhow::anyhow!("backend.pkcs11[{i}] ({}): {e}", member.name))?;
+            if names.contains(&member.name.as_str()) {
+                bail!("backend.pkcs11[{i}]: the backend name {:?} is used twice", member.name);
+            }
+            names.push(&member.name);
+        }
+        if !names.contains(&self.backend.default.as_str()) {
+            bail!(
+                "backend.default {:?} names no configured backend (configured: {})",
+                self.backend.default,
+                names.join(", ")
+            );
         }
         Ok(())
     }
@@ -357,6 +390,34 @@ mod tests {
         let err = Config::load(Some(&p)).unwrap_err();
         assert!(format!("{err:#}").contains("bnd"), "{err:#}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn pkcs11_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        let member = |name: &str| {
+            format!(
+                "[[backend.pkcs11]]\nname = \"{name}\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\n\
+                 token_label = \"kmsgate\"\npin_file = \"/run/secrets/hsm-pin\"\nsessions = 8\n"
+            )
+        };
+        std::fs::write(&p, format!("[backend]\ndefault = \"hsm-a\"\n{}{}", member("hsm-a"), member("hsm-b"))).unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.backend.pkcs11.len(), 2);
+        assert_eq!((c.backend.pkcs11[1].name.as_str(), c.backend.pkcs11[1].sessions), ("hsm-b", 8));
+        assert_eq!(c.backend.pkcs11[0].queue, 256, "defaults apply per member");
+
+        let fails = |toml: String, needle: &str| {
+            std::fs::write(&p, toml).unwrap();
+            let err = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+            assert!(err.contains(needle), "{err}");
+        };
+        fails(format!("{}{}", member("hsm-a"), member("hsm-a")), "used twice");
+        fails(member("software"), "used twice");
+        fails(format!("[backend]\ndefault = \"hsm-x\"\n{}", member("hsm-a")), "names no configured backend");
+        fails(member("hsm-a").replace("pin_file = \"/run/secrets/hsm-pin\"\n", ""), "pin_file or pin_env");
+        fails(format!("{}pin = \"1234\"\n", member("hsm-a")), "pin");
     }
 
     #[test]

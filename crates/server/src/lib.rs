@@ -3,9 +3,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alibaba_cli;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod hsm_cli;
 pub mod http;
 pub mod mtls;
 pub mod serve;
+pub mod store_cli;
+pub mod xks_cli;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kmsgate::{cli, config, serve};
+use kmsgate::{alibaba_cli, cli, config, hsm_cli, serve, store_cli, xks_cli};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
@@ -38,6 +38,18 @@ enum Command {
     /// Manage key aliases.
     #[command(subcommand)]
     Aliases(cli::AliasesCommand),
+    /// Manage AWS KMS external key stores (XKS) and their SigV4 credentials.
+    #[command(subcommand)]
+    Xks(xks_cli::XksCommand),
+    /// Manage the Alibaba KMS instance API (ClientKeys).
+    #[command(subcommand)]
+    Alibaba(alibaba_cli::AlibabaCommand),
+    /// Inspect the PKCS#11 HSM fleet.
+    #[command(subcommand)]
+    Hsm(hsm_cli::HsmCommand),
+    /// Move an installation between stores.
+    #[command(subcommand)]
+    Store(store_cli::StoreCommand),
 }
 
 fn main() -> ExitCode {
@@ -71,5 +83,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Serve(serve_args) => serve::run(config, source, serve_args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(cmd) => cli::keys(config, cmd, args.json).await,
         Command::Aliases(cmd) => cli::aliases(config, cmd, args.json).await,
+        Command::Xks(cmd) => xks_cli::run(config, cmd, args.json).await,
+        Command::Alibaba(cmd) => alibaba_cli::run(config, cmd, args.json).await,
+        Command::Hsm(cmd) => hsm_cli::run(config, cmd, args.json).await,
+        Command::Store(cmd) => store_cli::run(config, cmd, args.json).await,
     }
 }

@@ -44,6 +44,8 @@ pub fn init_logging(config: &Config) {
 /// The router of the main listener: probes plus every enabled frontend.
 pub fn router(app: &App) -> Router {
     http::health_routes(app.dispatcher.clone())
+        .merge(kmsgate_xks::router(app.dispatcher.clone(), app.config.xks.clone()))
+        .merge(kmsgate_alibaba::router(app.dispatcher.clone(), app.config.alibaba.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(app.config.server.max_body_bytes))
         .layer(axum::middleware::from_fn(http::request_context))

@@ -413,6 +413,7 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(software, Env::software().await);
+backend_suite!(pkcs11, Env::pkcs11().await);
 
 /// Another process's change (CLI, replica) reaches this process's cache through the change feed.
 #[tokio::test]

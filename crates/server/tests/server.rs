@@ -434,3 +434,36 @@ async fn runs_on_postgresql() {
     drop(server);
     psql(&format!("DROP SCHEMA {schema} CASCADE"));
 }
+
+/// `kmsgate store migrate`: an embedded installation moves to PostgreSQL and keeps working there with the
+/// same root key; a second migration into the now non-empty database is refused.
+#[tokio::test]
+async fn store_migrate_from_sqlite_to_postgresql() {
+    let base =
+        std::env::var("KMSGATE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("kmsgate_mig_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let psql = |sql: &str| {
+        let out = Command::new("psql").args([base.as_str(), "-qAtc", sql]).output().expect("psql");
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    psql(&format!("CREATE SCHEMA {schema}"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let k = cli_json(p, &["keys", "create", "--alias", "alias/moving"]);
+    cli_json(p, &["keys", "create", "--spec", "EC_P256"]);
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    std::fs::write(p.join("pg.toml"), format!("[store]\nurl = \"{url}\"\n")).unwrap();
+    let db = format!("sqlite://{}", p.join("kmsgate-data/kmsgate.db").display());
+    let report = cli_json(p, &["--config", "pg.toml", "store", "migrate", "--from", &db]);
+    assert_eq!(report["copied"]["keys"], 2, "{report}");
+    assert_eq!(report["copied"]["aliases"], 1, "{report}");
+    let moved = cli_json(p, &["--config", "pg.toml", "keys", "describe", "alias/moving"]);
+    assert_eq!(moved["id"], k["id"]);
+    let rotated = cli_json(p, &["--config", "pg.toml", "keys", "rotate", "alias/moving"]);
+    assert_eq!(rotated["versions"].as_array().unwrap().len(), 2, "the copied key works under the same root key");
+    let (code, _, err) = run_cli(p, &["--config", "pg.toml", "store", "migrate", "--from", &db]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not empty"), "{err}");
+    psql(&format!("DROP SCHEMA {schema} CASCADE"));
+}

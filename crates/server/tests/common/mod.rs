@@ -57,11 +57,43 @@ pub async fn dispatcher_over(
     (d, audit)
 }
 
+/// A member on the throwaway SoftHSM token that `./scripts/test` sets up (`SOFTHSM2_CONF`,
+/// `KMSGATE_TEST_P11_*`). Without it this panics: PKCS#11 tests fail rather than skip, and never fall back to the
+/// system's token directory.
+pub fn pkcs11_config(name: &str) -> kmsgate_hsm::Pkcs11Config {
+    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    let conf = var("SOFTHSM2_CONF").unwrap_or_else(|| {
+        panic!(
+            "SOFTHSM2_CONF is not set: run the tests through ./scripts/test, which creates a throwaway SoftHSM token"
+        )
+    });
+    let text = std::fs::read_to_string(&conf).expect("read SOFTHSM2_CONF");
+    assert!(!text.contains("/var/lib/softhsm"), "refusing to test against the system token directory ({conf})");
+    let mut c = kmsgate_hsm::Pkcs11Config::new(
+        name,
+        var("KMSGATE_TEST_P11_MODULE").unwrap_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".to_owned()),
+        var("KMSGATE_TEST_P11_TOKEN").unwrap_or_else(|| "kmsgate-test".to_owned()),
+    );
+    c.pin_file = Some(var("KMSGATE_TEST_P11_PIN_FILE").expect("KMSGATE_TEST_P11_PIN_FILE (run ./scripts/test)").into());
+    c.sessions = 2;
+    // The suite's dispatcher deadline (5 s) bounds calls; RSA-3072 generation on a busy machine takes seconds.
+    c.deadline_ms = 5_000;
+    c.keygen_deadline_ms = 30_000;
+    c
+}
+
 impl Env {
     pub async fn software() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = software_backend(dir.path());
         Env::with_backend(dir, backend).await
+    }
+
+    /// A PKCS#11 backend on the throwaway SoftHSM token `./scripts/test` creates (see `pkcs11_config`).
+    pub async fn pkcs11() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = kmsgate_hsm::Pkcs11Backend::start(pkcs11_config("hsm-test")).await.expect("start PKCS#11");
+        Env::with_backend(dir, Arc::new(backend)).await
     }
 
     pub async fn with_backend(dir: tempfile::TempDir, backend: Arc<dyn KeyBackend>) -> Env {
