@@ -16,6 +16,12 @@ lint:
 fmt:
     cargo fmt --all
 
+# Benchmarks: release build, then the standard scenario set against a kmsgate it starts itself
+# (table on stdout, report in target/bench/report.json; docs/benchmarks.md). Run it on an otherwise idle machine.
+bench *ARGS:
+    cargo build --release -p kmsgate -p kmsgate-bench
+    cargo run --release -p kmsgate-bench -- run --scenarios standard {{ARGS}}
+
 # What CI runs.
 ci:
     bash .ci/run
