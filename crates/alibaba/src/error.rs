@@ -73,6 +73,11 @@ impl AliError {
         )
     }
 
+    /// The ClientKey's QPS limit is exhausted (the vendor's text for it).
+    pub fn throttled() -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "Rejected.Throttling", "QPS Limit Exceeded")
+    }
+
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "UnsupportedOperation", message)
     }

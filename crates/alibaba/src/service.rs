@@ -35,6 +35,7 @@ pub struct AlibabaState {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) config: AlibabaConfig,
     replays: ReplayCache,
+    limits: crate::limit::QpsLimiter,
 }
 
 impl std::fmt::Debug for AlibabaState {
@@ -46,7 +47,7 @@ impl std::fmt::Debug for AlibabaState {
 impl AlibabaState {
     pub fn new(dispatcher: Dispatcher, config: AlibabaConfig) -> Self {
         let replays = ReplayCache::new(Duration::from_secs(config.max_clock_skew_secs));
-        AlibabaState { dispatcher, config, replays }
+        AlibabaState { dispatcher, config, replays, limits: crate::limit::QpsLimiter::default() }
     }
 }
 
@@ -125,6 +126,11 @@ async fn process(
         // Rejected.Throttling makes the SDK retry a second later with a fresh date (a new signature), while a
         // replayed capture, whose date cannot change, is refused every time.
         return Err(AliError::duplicate_signature());
+    }
+    // Only authenticated requests count against (and may exhaust) a ClientKey's budget.
+    let qps = key.qps.unwrap_or(state.config.client_key_qps);
+    if qps > 0 && !state.limits.admit(client_key, qps, Instant::now()) {
+        return Err(AliError::throttled());
     }
     let caller = Caller {
         tenant,
