@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use kmsgate_core::{
-    Caller, DecryptRequest, Dispatcher, Document, EncryptReply, EncryptRequest, EncryptionAlgorithm, ErrorKind,
-    Frontend, KeyRef, KeySpec, Precondition, SecretPath, SecretSelector, SignInput, SignRequest, SigningAlgorithm,
-    TenantId,
+    BlockPadding, Caller, DecryptRequest, Dispatcher, Document, EncryptReply, EncryptRequest, EncryptionAlgorithm,
+    ErrorKind, Frontend, KeyRef, KeySpec, Precondition, SecretPath, SecretSelector, SignInput, SignRequest,
+    SigningAlgorithm, TenantId,
 };
 use prost::Message;
 use uuid::Uuid;
@@ -253,19 +253,22 @@ fn key_ref(key_id: &str) -> Result<KeyRef, AliError> {
 }
 
 fn encryption_algorithm(name: &str, padding: &str) -> Result<Option<EncryptionAlgorithm>, AliError> {
+    let block_padding = || match padding {
+        // PKCS7_PADDING is the documented default of the block modes.
+        "" | "PKCS7_PADDING" => Ok(BlockPadding::Pkcs7),
+        "NO_PADDING" => Ok(BlockPadding::NoPadding),
+        _ => Err(AliError::invalid_parameter("The specified parameter PaddingMode is not valid.")),
+    };
     match name {
         "" => Ok(None),
         "AES_GCM" if padding.is_empty() => Ok(Some(EncryptionAlgorithm::AesGcm)),
         "RSAES_OAEP_SHA_256" => Ok(Some(EncryptionAlgorithm::RsaOaepSha256)),
-        "AES_GCM"
-        | "AES_CBC"
-        | "AES_ECB"
-        | "SM4_GCM"
-        | "SM4_CBC"
-        | "SM4_ECB"
-        | "SM2PKE"
-        | "RSAES_OAEP_SHA_1"
-        | "ECIES_DH_SHA_1_XOR_HMAC" => Err(AliError::unsupported("Rejected.UnsupportedOperation")),
+        "AES_CBC" => Ok(Some(EncryptionAlgorithm::AesCbc(block_padding()?))),
+        "AES_ECB" => Ok(Some(EncryptionAlgorithm::AesEcb(block_padding()?))),
+        "AES_GCM" => Err(AliError::invalid_parameter("The specified parameter PaddingMode is not valid.")),
+        "SM4_GCM" | "SM4_CBC" | "SM4_ECB" | "SM2PKE" | "RSAES_OAEP_SHA_1" | "ECIES_DH_SHA_1_XOR_HMAC" => {
+            Err(AliError::unsupported("Rejected.UnsupportedOperation"))
+        }
         _ => Err(AliError::invalid_parameter("The specified parameter Algorithm is not valid.")),
     }
 }
@@ -274,6 +277,17 @@ fn algorithm_name(alg: EncryptionAlgorithm) -> &'static str {
     match alg {
         EncryptionAlgorithm::AesGcm => "AES_GCM",
         EncryptionAlgorithm::RsaOaepSha256 => "RSAES_OAEP_SHA_256",
+        EncryptionAlgorithm::AesCbc(_) => "AES_CBC",
+        EncryptionAlgorithm::AesEcb(_) => "AES_ECB",
+    }
+}
+
+/// The `PaddingMode` a response names: the block modes' padding, nothing for the others.
+fn padding_name(alg: EncryptionAlgorithm) -> &'static str {
+    match alg.block_mode() {
+        Some((_, BlockPadding::Pkcs7)) => "PKCS7_PADDING",
+        Some((_, BlockPadding::NoPadding)) => "NO_PADDING",
+        None => "",
     }
 }
 
@@ -375,7 +389,7 @@ impl Ctx<'_> {
             iv: e.iv,
             request_id: self.rid(),
             algorithm: algorithm_name(e.algorithm).to_owned(),
-            padding_mode: r.padding_mode,
+            padding_mode: padding_name(e.algorithm).to_owned(),
         };
         Ok(Reply::of(&msg, Some(e.version)))
     }
@@ -402,8 +416,11 @@ impl Ctx<'_> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Uuid::parse_str(v).ok())
             .filter(|v| k.version(*v).is_some());
+        let authenticated = matches!(alg, Some(EncryptionAlgorithm::AesGcm | EncryptionAlgorithm::RsaOaepSha256));
         let mut candidates: Vec<Uuid> = match named {
             Some(v) => vec![v],
+            // CBC and ECB carry no tag: a wrong version would "decrypt" to garbage, so only the primary is tried.
+            None if !authenticated => vec![k.primary_version],
             None => std::iter::once(k.primary_version)
                 .chain(k.versions.iter().rev().map(|v| v.id).filter(|v| *v != k.primary_version))
                 .collect(),
@@ -427,7 +444,7 @@ impl Ctx<'_> {
                         plaintext: p.plaintext.to_vec(),
                         request_id: self.rid(),
                         algorithm: alg.map(algorithm_name).unwrap_or_default().to_owned(),
-                        padding_mode: r.padding_mode,
+                        padding_mode: alg.map(padding_name).unwrap_or_default().to_owned(),
                     };
                     return Ok(Reply::of(&msg, Some(p.version)));
                 }

@@ -173,7 +173,8 @@ async fn policy_deadline_and_internal_errors() {
         },
         std::time::Duration::from_secs(1),
     ));
-    let encrypt = proto::EncryptRequest { key_id: key, plaintext: b"x".to_vec(), ..Default::default() }.encode_to_vec();
+    let encrypt =
+        proto::EncryptRequest { key_id: key.clone(), plaintext: b"x".to_vec(), ..Default::default() }.encode_to_vec();
     let expect = |r: common::Reply, status: u16, code: &str| {
         assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
         let e = proto::Error::decode(&*r.body).unwrap();
@@ -191,6 +192,20 @@ async fn policy_deadline_and_internal_errors() {
     let pair = RsaKeyPair::from_pkcs8(&app.private_key_pkcs8).unwrap();
     let r = post(addr, "/", &signed(&pair, &app.id, "Encrypt", &encrypt), encrypt.clone()).await;
     expect(r, 503, "ServiceUnavailableTemporary");
+
+    // A backend without AES-CBC/ECB (this test backend keeps the trait's default) answers precisely.
+    let cbc = proto::EncryptRequest {
+        key_id: key,
+        plaintext: b"x".to_vec(),
+        algorithm: "AES_CBC".to_owned(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let r = post(addr, "/", &signed(&pair, &app.id, "Encrypt", &cbc), cbc).await;
+    assert_eq!(r.status, 400);
+    let e = proto::Error::decode(&*r.body).unwrap();
+    assert_eq!(e.error_code, "UnsupportedOperation");
+    assert_eq!(e.error_message, "the software key backend does not offer AES-CBC or AES-ECB");
 
     // A ClientKey record the gateway cannot read is an internal failure, never an authentication verdict.
     let broken = "KAAP.11111111-1111-1111-1111-111111111111";

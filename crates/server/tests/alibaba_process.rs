@@ -286,3 +286,26 @@ async fn the_cli_disables_keys_and_limits_client_keys_of_a_running_server() {
     assert!(r["secs"].as_f64().unwrap() < 5.0, "{r}");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_gcm_cbc_and_ecb_through_the_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let key = cli_json(p, &["keys", "create"])["id"].as_str().unwrap().to_owned();
+    let files = create_client_key(p, &[]);
+    let server = start(p);
+    let addr = server.addr;
+    // AES-GCM, AES-CBC and AES-ECB through the SDK (the software backend).
+    let r = tokio::task::spawn_blocking(move || sdk("algorithms", addr, &files, Some(&key))).await.unwrap();
+    assert_eq!(r["gcm_default"], serde_json::json!(["AES_GCM", 12, true]));
+    assert_eq!(r["cbc_pkcs7"], serde_json::json!(["AES_CBC", "PKCS7_PADDING", 16, 32, true]));
+    assert_eq!(r["cbc_default_padding_is_pkcs7"], true);
+    assert_eq!(r["cbc_is_cbc"], serde_json::json!([32, true, true]));
+    assert_eq!(r["cbc_no_padding_opens"], true);
+    assert_eq!(r["ecb_equal_blocks"], serde_json::json!([0, true]));
+    assert_eq!(r["ecb_pkcs7"], serde_json::json!([48, true]));
+    for e in ["err_partial_block", "err_cbc_iv", "err_padding_mode", "err_cbc_aad", "err_bad_padding"] {
+        assert_eq!(r[e], serde_json::json!(["InvalidParameter", 400, true]), "{e}");
+    }
+    drop(server);
+}
