@@ -48,6 +48,14 @@ if mode == "use":
     d = client.decrypt(g.DecryptRequest(key_id=key_id, ciphertext_blob=e.ciphertext_blob, iv=e.iv, aad=b"ctx"))
     out["decrypt"] = d.plaintext.decode()
     out["random_len"] = len(client.generate_random(g.GenerateRandomRequest(length=16)).random)
+    # The wrapper (alibabacloud-kms-python-sdk) with the same files.
+    from alibabacloud_kms_kms20160120.transfer_client import TransferClient
+    from alibabacloud_kms_kms20160120.models import KmsConfig
+    from alibabacloud_kms20160120 import models as m
+    t = TransferClient(kms_config=KmsConfig(protocol="http", endpoint=endpoint, client_key_file=key_file,
+                                            password=password))
+    te = t.encrypt(m.EncryptRequest(key_id=key_id, plaintext="via the wrapper"))
+    out["transfer_decrypt"] = t.decrypt(m.DecryptRequest(ciphertext_blob=te.body.ciphertext_blob)).body.plaintext
 
 elif mode == "algorithms":
     def enc(alg, pad, pt, iv=None):

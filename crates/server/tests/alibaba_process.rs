@@ -197,6 +197,7 @@ async fn client_key_files_are_read_by_the_python_java_and_go_readers() {
     .unwrap();
     assert_eq!(r["decrypt"], "from the client key file");
     assert_eq!(r["random_len"], 16);
+    assert_eq!(r["transfer_decrypt"], "via the wrapper");
 
     let doc: Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
     assert_eq!(doc["KeyId"], files.id.as_str());
