@@ -46,8 +46,13 @@ fn kmsgate(cwd: &Path) -> Command {
 
 /// `kmsgate serve` on an ephemeral port with the default change-poll interval.
 fn start(cwd: &Path) -> Server {
+    start_with(cwd, &[])
+}
+
+fn start_with(cwd: &Path, global: &[&str]) -> Server {
     let log = std::fs::File::create(cwd.join("server.log")).unwrap();
     let mut child = kmsgate(cwd)
+        .args(global)
         .args(["serve", "--bind", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(log)
@@ -288,19 +293,20 @@ async fn the_cli_disables_keys_and_limits_client_keys_of_a_running_server() {
     drop(server);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aes_gcm_cbc_and_ecb_through_the_sdk() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
-    let key = cli_json(p, &["keys", "create"])["id"].as_str().unwrap().to_owned();
+/// AES-GCM, AES-CBC and AES-ECB through the SDK, on a key of the given backend (`--config` in `global`).
+async fn aes_modes_through_the_sdk(p: &Path, global: &[&str], backend: &[&str]) {
+    let mut args = global.to_vec();
+    args.extend_from_slice(&["keys", "create"]);
+    args.extend_from_slice(backend);
+    let key = cli_json(p, &args)["id"].as_str().unwrap().to_owned();
     let files = create_client_key(p, &[]);
-    let server = start(p);
+    let server = start_with(p, global);
     let addr = server.addr;
-    // AES-GCM, AES-CBC and AES-ECB through the SDK (the software backend).
     let r = tokio::task::spawn_blocking(move || sdk("algorithms", addr, &files, Some(&key))).await.unwrap();
     assert_eq!(r["gcm_default"], serde_json::json!(["AES_GCM", 12, true]));
     assert_eq!(r["cbc_pkcs7"], serde_json::json!(["AES_CBC", "PKCS7_PADDING", 16, 32, true]));
     assert_eq!(r["cbc_default_padding_is_pkcs7"], true);
+    // CBC without padding equals ECB over the chained blocks: both modes are what they claim.
     assert_eq!(r["cbc_is_cbc"], serde_json::json!([32, true, true]));
     assert_eq!(r["cbc_no_padding_opens"], true);
     assert_eq!(r["ecb_equal_blocks"], serde_json::json!([0, true]));
@@ -309,4 +315,30 @@ async fn aes_gcm_cbc_and_ecb_through_the_sdk() {
         assert_eq!(r[e], serde_json::json!(["InvalidParameter", 400, true]), "{e}");
     }
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_gcm_cbc_and_ecb_through_the_sdk_on_software_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    aes_modes_through_the_sdk(dir.path(), &[], &[]).await;
+}
+
+/// The same on a SoftHSM key (CKM_AES_CBC_PAD, CKM_AES_CBC, CKM_AES_ECB). `./scripts/test` provides the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_gcm_cbc_and_ecb_through_the_sdk_on_hsm_keys() {
+    let var = |name: &str| {
+        std::env::var(name)
+            .unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test (it creates a SoftHSM token)"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let config = format!(
+        "[[backend.pkcs11]]\nname = \"hsm\"\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nsessions = 1\n\
+         deadline_ms = 5000\n[backend]\ndeadline_ms = 10000\n",
+        var("KMSGATE_TEST_P11_MODULE"),
+        var("KMSGATE_TEST_P11_TOKEN"),
+        var("KMSGATE_TEST_P11_PIN_FILE"),
+    );
+    std::fs::write(p.join("hsm.toml"), config).unwrap();
+    aes_modes_through_the_sdk(p, &["--config", "hsm.toml"], &["--backend", "hsm"]).await;
 }
