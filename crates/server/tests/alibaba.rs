@@ -28,12 +28,17 @@ struct Server {
 }
 
 async fn start() -> Server {
-    start_with(kmsgate_alibaba::AlibabaConfig::default()).await
+    start_config(|_| {}).await
 }
 
 async fn start_with(alibaba: kmsgate_alibaba::AlibabaConfig) -> Server {
+    start_config(|c| c.alibaba = alibaba).await
+}
+
+async fn start_config(f: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { data_dir: dir.path().join("data"), alibaba, ..Config::default() };
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    f(&mut config);
     let (app, _) = App::open(config).await.unwrap();
     let router = kmsgate::serve::router(&app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -436,4 +441,53 @@ async fn the_configured_default_qps_applies_per_client_key() {
         assert!(std::time::Instant::now() < deadline, "the budget never refilled");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// A real HSM deadline miss: the SoftHSM member's only session is held past the call's deadline, so Encrypt on
+/// an HSM key answers 503 ServiceUnavailableTemporary; with the session free again the same call succeeds.
+/// `./scripts/test` provides the token.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hsm_deadline_miss_is_service_unavailable() {
+    let var = |name: &str| {
+        std::env::var(name)
+            .unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test (it creates a SoftHSM token)"))
+    };
+    let s = start_config(|c| {
+        let mut member =
+            kmsgate_hsm::Pkcs11Config::new("hsm", var("KMSGATE_TEST_P11_MODULE"), var("KMSGATE_TEST_P11_TOKEN"));
+        member.pin_file = Some(var("KMSGATE_TEST_P11_PIN_FILE").into());
+        member.sessions = 1;
+        member.deadline_ms = 300;
+        c.backend.pkcs11 = vec![member];
+    })
+    .await;
+    let (d, admin) = (&s.app.dispatcher, s.app.admin());
+    let mut req = CreateKeyRequest::new(KeySpec::Aes256);
+    req.backend = Some("hsm".to_owned());
+    let key = d.create_key(&admin, req).await.unwrap().id.to_string();
+    let ck = clientkey::create(d, &admin, "app", "").await.unwrap();
+    let pair = RsaKeyPair::from_pkcs8(&ck.private_key_pkcs8).unwrap();
+    let encrypt = |n: u8| {
+        let body =
+            proto::EncryptRequest { key_id: key.clone(), plaintext: vec![n], ..Default::default() }.encode_to_vec();
+        let (h, addr) = (signed(&pair, &ck.id, "Encrypt", &body), s.addr);
+        async move { post(addr, "/", &h, body).await }
+    };
+    assert_eq!(encrypt(1).await.status, 200, "the HSM key works");
+
+    let hsm = s.app.pkcs11[0].clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let busy = tokio::spawn(async move {
+        hsm.with_session(std::time::Duration::from_secs(10), move |_session| {
+            let _ = started_tx.send(());
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            Ok(())
+        })
+        .await
+    });
+    started_rx.await.unwrap();
+    let r = encrypt(2).await;
+    expect_error(&r, 503, "ServiceUnavailableTemporary", None);
+    busy.await.unwrap().unwrap();
+    assert_eq!(encrypt(3).await.status, 200, "served again once the session is free");
 }
