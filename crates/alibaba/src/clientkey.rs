@@ -150,6 +150,29 @@ pub async fn revoke(d: &Dispatcher, caller: &Caller, id: &str) -> Result<()> {
     }
 }
 
+/// Sets (or with `None` clears, falling back to the configured default) a ClientKey's own QPS limit. Running
+/// servers apply it once their document cache hears of the change.
+pub async fn set_qps(d: &Dispatcher, caller: &Caller, id: &str, qps: Option<u32>) -> Result<()> {
+    if qps == Some(0) {
+        return Err(Error::invalid("a ClientKey's QPS limit must be at least 1"));
+    }
+    let Some(doc) = d.document(KIND_CLIENT_KEY, id).await? else {
+        return Err(Error::new(ErrorKind::InvalidRequest, "no such ClientKey"));
+    };
+    if doc.tenant != caller.tenant {
+        return Err(Error::new(ErrorKind::InvalidRequest, "no such ClientKey"));
+    }
+    let mut body = parse(&doc)?;
+    body.qps = qps;
+    let value = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode a ClientKey").with_source(e))?;
+    let mut next = (*doc).clone();
+    next.body = value;
+    match d.put_document(caller, next, Precondition::Revision(doc.revision)).await? {
+        Some(_) => Ok(()),
+        None => Err(Error::new(ErrorKind::VersionConflict, "the ClientKey changed meanwhile; retry")),
+    }
+}
+
 /// A freshly issued ClientKey: its id and the PKCS#8 DER of its private key, shown to the operator once.
 pub struct NewClientKey {
     pub id: String,

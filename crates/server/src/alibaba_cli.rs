@@ -42,10 +42,26 @@ pub enum ClientKeysCommand {
     List,
     /// Revoke a ClientKey: servers refuse it within their change-poll interval.
     Revoke { id: String },
+    /// Give a ClientKey its own requests-per-second limit, or `default` for alibaba.client_key_qps; servers
+    /// apply it within their change-poll interval.
+    SetQps {
+        id: String,
+        /// A number of requests per second (at least 1), or `default`.
+        qps: String,
+    },
 }
 
 pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     let AlibabaCommand::ClientKeys(cmd) = cmd;
+    // Bad input is reported before the store is opened.
+    let set_qps = match &cmd {
+        ClientKeysCommand::SetQps { qps, .. } if qps == "default" => Some(None),
+        ClientKeysCommand::SetQps { qps, .. } => match qps.parse::<u32>() {
+            Ok(n) if n > 0 => Some(Some(n)),
+            _ => anyhow::bail!("qps: expected a number of requests per second (at least 1) or `default`"),
+        },
+        _ => None,
+    };
     if let ClientKeysCommand::Create { out_dir, .. } = &cmd
         && !out_dir.is_dir()
     {
@@ -97,6 +113,18 @@ pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow:
                     let state = if k.revoked { "revoked" } else { "active" };
                     let qps = k.qps.map_or_else(|| "default".to_owned(), |q| q.to_string());
                     println!("{:<45}  {:<24}  {:<8}  {:<7}  {}", k.id, k.identity, state, qps, k.created_at);
+                }
+            }
+        }
+        ClientKeysCommand::SetQps { id, .. } => {
+            let qps = set_qps.flatten();
+            clientkey::set_qps(d, &caller, &id, qps).await.map_err(core_err)?;
+            if json_out {
+                println!("{}", json!({ "id": id, "qps": qps }));
+            } else {
+                match qps {
+                    Some(n) => println!("ClientKey {id} is limited to {n} requests per second"),
+                    None => println!("ClientKey {id} follows alibaba.client_key_qps"),
                 }
             }
         }

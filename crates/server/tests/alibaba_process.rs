@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use base64::Engine as _;
@@ -152,7 +153,11 @@ fn go_reader(out_dir: &Path) -> PathBuf {
 
 /// Signs like the SDK with a signature made elsewhere: the string to sign of a GenerateRandom request.
 fn generate_random_request(addr: SocketAddr, key_id: &str) -> (Vec<u8>, Vec<(String, String)>, String) {
-    let body = proto::GenerateRandomRequest { length: 8 }.encode_to_vec();
+    random_request(addr, key_id, 8)
+}
+
+fn random_request(addr: SocketAddr, key_id: &str, length: i32) -> (Vec<u8>, Vec<(String, String)>, String) {
+    let body = proto::GenerateRandomRequest { length }.encode_to_vec();
     let sha = hex::encode_upper(digest::digest(&digest::SHA256, &body));
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
     let sts = format!(
@@ -173,6 +178,29 @@ fn generate_random_request(addr: SocketAddr, key_id: &str) -> (Vec<u8>, Vec<(Str
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     (body, headers, sts)
+}
+
+/// The ClientKey's key from its PKCS#1 PEM file, as Rust signs with it.
+fn pem_key(files: &ClientKeyFiles) -> aws_lc_rs::signature::RsaKeyPair {
+    let pem =
+        std::fs::read_to_string(files.json.with_file_name(format!("clientKey_{}_PrivateKey.pem", files.id))).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    aws_lc_rs::signature::RsaKeyPair::from_der(&STANDARD.decode(b64).unwrap()).unwrap()
+}
+
+/// A GenerateRandom request of `length` signed in Rust; returns the HTTP status.
+async fn random_status(
+    addr: SocketAddr,
+    files: &ClientKeyFiles,
+    pair: &aws_lc_rs::signature::RsaKeyPair,
+    length: i32,
+) -> u16 {
+    let (body, mut headers, sts) = random_request(addr, &files.id, length);
+    let mut sig = vec![0; pair.public_modulus_len()];
+    pair.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &aws_lc_rs::rand::SystemRandom::new(), sts.as_bytes(), &mut sig)
+        .unwrap();
+    headers.push(("authorization".to_owned(), format!("Bearer {}", STANDARD.encode(sig))));
+    post(addr, &headers, body).await.status
 }
 
 async fn post(addr: SocketAddr, headers: &[(String, String)], body: Vec<u8>) -> common::Reply {
@@ -282,6 +310,42 @@ async fn the_cli_disables_keys_and_limits_client_keys_of_a_running_server() {
     }
     assert_eq!(r["retried_ok"], 3);
     assert!(r["retried_secs"].as_f64().unwrap() < 10.0, "{r}");
+
+    // `set-qps` in another process limits an unlimited ClientKey of the running server, and `default` lifts it.
+    let pair = pem_key(&files);
+    let (ok, text) = run(kmsgate(p).args(["alibaba", "client-keys", "set-qps", &files.id, "0"]));
+    assert!(!ok && text.contains("at least 1"), "{text}");
+    let (ok, text) = run(kmsgate(p).args(["alibaba", "client-keys", "set-qps", &files.id, "1"]));
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 100;
+    loop {
+        n += 2;
+        // Two requests back to back: under a limit of 1 per second the second (or, if the limit arrived
+        // between two pairs, the first) is refused.
+        let (a, b) = (random_status(addr, &files, &pair, n).await, random_status(addr, &files, &pair, n + 1).await);
+        assert!([a, b].iter().all(|s| *s == 200 || *s == 429), "{a} {b}");
+        if a == 429 || b == 429 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new limit never reached the server");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, text) = run(kmsgate(p).args(["alibaba", "client-keys", "set-qps", &files.id, "default"]));
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        n += 3;
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            statuses.push(random_status(addr, &files, &pair, n + i).await);
+        }
+        if statuses.iter().all(|s| *s == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the limit was never lifted: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // The CLI, another process on the same store, disables the key; the server hears of it from the change
     // feed and the next SDK calls are refused.
