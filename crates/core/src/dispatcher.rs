@@ -112,7 +112,7 @@ pub struct EncryptRequest {
     pub algorithm: Option<EncryptionAlgorithm>,
     pub plaintext: Zeroizing<Vec<u8>>,
     pub aad: Vec<u8>,
-    /// `None`: a fresh random 12-byte IV.
+    /// `None`: a fresh random IV (12 bytes for AES-GCM, 16 for AES-CBC; AES-ECB and RSA use none).
     pub iv: Option<Vec<u8>>,
 }
 
@@ -121,10 +121,10 @@ pub struct EncryptReply {
     pub key_id: KeyId,
     pub version: Uuid,
     pub algorithm: EncryptionAlgorithm,
-    /// Empty for RSA.
+    /// Empty for RSA and AES-ECB.
     pub iv: Vec<u8>,
     pub ciphertext: Vec<u8>,
-    /// 16 bytes for AES-GCM, empty for RSA.
+    /// 16 bytes for AES-GCM, empty otherwise.
     pub tag: Vec<u8>,
 }
 
