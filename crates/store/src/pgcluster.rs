@@ -215,3 +215,81 @@ impl Drop for PrivateCluster {
         }
     }
 }
+
+// ---- the shared server ----------------------------------------------------------------------------------
+
+/// The shared test server: `$KMSGATE_TEST_PG_URL`, else [`DEFAULT_URL`].
+pub const URL_ENV: &str = "KMSGATE_TEST_PG_URL";
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The shared server's URL; panics (fails the test) when it does not answer within 5 s.
+pub async fn shared_server_url() -> String {
+    let url = std::env::var(URL_ENV).ok().filter(|u| !u.is_empty()).unwrap_or_else(|| DEFAULT_URL.to_owned());
+    sqlx::any::install_default_drivers();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), sqlx::AnyPool::connect(&url)).await {
+        Ok(Ok(pool)) => {
+            pool.close().await;
+            url
+        }
+        Ok(Err(e)) => panic!("PostgreSQL at ${URL_ENV} or {DEFAULT_URL} cannot be reached ({e}); run scripts/test"),
+        Err(_) => panic!("PostgreSQL at ${URL_ENV} or {DEFAULT_URL} did not answer; run scripts/test"),
+    }
+}
+
+/// A schema of its own on a server, dropped (with everything in it) when the guard goes away, so runs and
+/// concurrent tests never see each other's rows.
+#[derive(Debug)]
+pub struct TestSchema {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl TestSchema {
+    /// Creates a uniquely named schema on `server`.
+    pub async fn create(server: &str) -> TestSchema {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let name = format!("kmsgate_test_{}_{}_{}", std::process::id(), nanos, NEXT.fetch_add(1, Ordering::Relaxed));
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(server).await.expect("connect to create a schema");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&pool).await.expect("create schema");
+        pool.close().await;
+        let sep = if server.contains('?') { '&' } else { '?' };
+        let url = format!("{server}{sep}options=-c%20search_path%3D{name}");
+        TestSchema { server: server.to_owned(), name, url }
+    }
+
+    /// The store URL that selects the schema (through `search_path`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop may run inside a test's runtime, which cannot be blocked on: use a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let pool = sqlx::AnyPool::connect(&server).await.expect("connect to drop the schema");
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {name} CASCADE")))
+                    .execute(&pool)
+                    .await
+                    .expect("drop schema");
+                pool.close().await;
+            });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("the test schema {} could not be dropped", self.name);
+        }
+    }
+}
