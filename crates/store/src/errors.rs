@@ -54,12 +54,14 @@ pub(crate) fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
 
 /// Lock waits that ran out: SQLite's busy timeout (`SQLITE_BUSY`/`SQLITE_LOCKED` and their extended codes,
 /// numeric) and PostgreSQL's `lock_not_available` / `query_canceled` (statement or lock timeout, SQLSTATE).
+///
+/// The dialect is told by the error's type, not by the code's shape: SQLSTATEs such as `57014` are numeric too.
 fn is_timeout(d: &dyn DatabaseError) -> bool {
     let Some(code) = d.code() else { return false };
-    match code.parse::<i32>() {
-        Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6),
-        Err(_) => matches!(&*code, "55P03" | "57014"),
+    if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+        return matches!(&*code, "55P03" | "57014");
     }
+    code.parse::<i32>().is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6))
 }
 
 #[cfg(test)]

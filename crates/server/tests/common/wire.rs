@@ -127,8 +127,14 @@ pub async fn alibaba_call(addr: SocketAddr, pair: &RsaKeyPair, client_key_id: &s
     send_on(stream, false, req).await.unwrap()
 }
 
-/// The RSA key pair of a ClientKey from its PKCS#8 PEM file (as `kmsgate alibaba client-keys create` writes it).
+/// The RSA key pair of a ClientKey from its PEM file as `kmsgate alibaba client-keys create` writes it
+/// (PKCS#1 `RSA PRIVATE KEY`, what the SDKs take; PKCS#8 `PRIVATE KEY` is accepted too).
 pub fn alibaba_key_pair(pem: &str) -> RsaKeyPair {
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    RsaKeyPair::from_pkcs8(&STANDARD.decode(b64).unwrap()).unwrap()
+    let der = STANDARD.decode(b64).unwrap();
+    if pem.contains("BEGIN RSA PRIVATE KEY") {
+        RsaKeyPair::from_der(&der).unwrap()
+    } else {
+        RsaKeyPair::from_pkcs8(&der).unwrap()
+    }
 }
