@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::signature::RsaKeyPair;
 use common::process::{self, cli_json, cli_ok, toml_str};
-use common::wire::{XksCred, alibaba_call, alibaba_key_pair, xks_encrypt};
+use common::wire::{XksCred, alibaba_call, alibaba_key_pair, xks_encrypt, xks_health};
 use kmsgate_alibaba::proto;
 use kmsgate_store::pgcluster::{PrivateCluster, StopMode, TlsFiles};
 use prost::Message;
@@ -182,6 +182,15 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     // ... readiness turns false ...
     let not_ready = wait_for(Duration::from_secs(10), "/readyz turning 503", async || !c.ready().await).await;
     println!("/readyz 503 {not_ready:?} after the probe started ({:?} after the crash)", down_since.elapsed());
+    // ... XKS GetHealthStatus reports the members as not ACTIVE (KMS sees the proxy as unhealthy) ...
+    let mut status = String::new();
+    wait_for(Duration::from_secs(10), "XKS health leaving ACTIVE", async || {
+        let h = xks_health(c.addr, &c.xks).await;
+        status = h.json()["ekmFleetDetails"][0]["healthStatus"].as_str().unwrap_or("?").to_owned();
+        h.status == 200 && status != "ACTIVE"
+    })
+    .await;
+    println!("XKS GetHealthStatus with the database down: {status}");
     // ... and keys already in the cache keep serving cryptography.
     assert_ok("XKS, cached key, database down", &c.xks(&warm).await);
     assert_ok("Alibaba, cached key, database down", &c.alibaba(&warm).await);
@@ -200,6 +209,10 @@ async fn database_crash_restart_and_slowness_under_traffic() {
         "/readyz 200 again {ready_after:?} after the database accepted connections ({:?} incl. its start)",
         restarted.elapsed()
     );
+    wait_for(Duration::from_secs(10), "XKS health ACTIVE again", async || {
+        xks_health(c.addr, &c.xks).await.json()["ekmFleetDetails"][0]["healthStatus"] == "ACTIVE"
+    })
+    .await;
     assert_ok("XKS, formerly failing key, after recovery", &c.xks(&cold).await);
     assert_ok("Alibaba, formerly failing key, after recovery", &c.alibaba(&cold).await);
 
