@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -58,6 +59,7 @@ fn write_config(dir: &Path, port: u16, ca: &Path) -> std::path::PathBuf {
 }
 
 struct Client {
+    name: &'static str,
     addr: SocketAddr,
     xks: XksCred,
     ali_id: String,
@@ -74,6 +76,11 @@ struct Outcome {
 }
 
 impl Client {
+    fn new(name: &'static str, addr: SocketAddr, xks: &XksCred, ali_id: &str, ali_pem: &str) -> Client {
+        let ali_pair = alibaba_key_pair(ali_pem);
+        Client { name, addr, xks: xks.clone(), ali_id: ali_id.to_owned(), ali_pair, n: AtomicU32::new(0) }
+    }
+
     async fn xks(&self, key_id: &str) -> Outcome {
         let started = Instant::now();
         let r = xks_encrypt(self.addr, &self.xks, key_id, b"fault probe").await;
@@ -86,7 +93,7 @@ impl Client {
         let n = self.n.fetch_add(1, Ordering::Relaxed);
         let body = proto::EncryptRequest {
             key_id: key_id.to_owned(),
-            plaintext: format!("fault probe {n}").into_bytes(),
+            plaintext: format!("fault probe {} {n}", self.name).into_bytes(),
             ..Default::default()
         }
         .encode_to_vec();
@@ -99,6 +106,38 @@ impl Client {
     async fn ready(&self) -> bool {
         common::http(self.addr, "GET", "/readyz", b"").await.status == 200
     }
+}
+
+/// Requests sent in a loop across the outage: a cached key (served, or refused in the store envelopes once its
+/// cache entry expires) and an unknown key (never cached, so every request needs the store: 404 while the
+/// database is up). Every answer must be one of those, in time; any other answer or a broken connection fails.
+async fn traffic(
+    c: std::sync::Arc<Client>,
+    warm: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let mut seen = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for (what, o, ok) in [
+            ("xks cached", c.xks(&warm).await, (200, "")),
+            ("xks unknown", c.xks(unknown).await, (404, "KeyNotFoundException")),
+            ("alibaba cached", c.alibaba(&warm).await, (200, "")),
+            ("alibaba unknown", c.alibaba(unknown).await, (404, "Forbidden.KeyNotFound")),
+        ] {
+            let down = if what.starts_with("xks") { XKS_DOWN } else { ALIBABA_DOWN };
+            let got = (o.status, o.error.clone().unwrap_or_default());
+            assert!(
+                got == (ok.0, ok.1.to_owned()) || down.iter().any(|(s, e)| (*s, e.to_string()) == got),
+                "{} {what}: {got:?}",
+                c.name
+            );
+            assert!(o.took < ANSWER_WITHIN, "{} {what}: answered after {:?}", c.name, o.took);
+            seen.push(format!("{what} {} {}", got.0, got.1));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
 }
 
 fn assert_ok(what: &str, o: &Outcome) {
@@ -142,24 +181,31 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     );
     let ck =
         cli_json(p, &cfg, &["alibaba", "client-keys", "create", "--identity", "app", "--out-dir", p.to_str().unwrap()]);
-    let ali_pair = alibaba_key_pair(&std::fs::read_to_string(ck["private_key_file"].as_str().unwrap()).unwrap());
-    let server = process::start(p, &cfg, &p.join("server.log"));
-    let c = Client {
-        addr: server.addr,
-        xks,
-        ali_id: ck["id"].as_str().unwrap().to_owned(),
-        ali_pair,
-        n: AtomicU32::new(0),
-    };
+    let ali_id = ck["id"].as_str().unwrap().to_owned();
+    let ali_pem = std::fs::read_to_string(ck["private_key_file"].as_str().unwrap()).unwrap();
+    // Two replicas on the database.
+    let servers = [process::start(p, &cfg, &p.join("a.log")), process::start(p, &cfg, &p.join("b.log"))];
+    let clients = [
+        std::sync::Arc::new(Client::new("A", servers[0].addr, &xks, &ali_id, &ali_pem)),
+        std::sync::Arc::new(Client::new("B", servers[1].addr, &xks, &ali_id, &ali_pem)),
+    ];
 
     // Traffic with the database up, and writes acknowledged while it flows.
     let mut acknowledged = Vec::new();
     for i in 0..3 {
-        assert_ok("XKS before the outage", &c.xks(&warm).await);
-        assert_ok("Alibaba before the outage", &c.alibaba(&warm).await);
+        for c in &clients {
+            assert_ok("XKS before the outage", &c.xks(&warm).await);
+            assert_ok("Alibaba before the outage", &c.alibaba(&warm).await);
+        }
         acknowledged.push(key(&format!("alias/acked-{i}")));
     }
-    assert!(c.ready().await, "ready with the database up");
+    for c in &clients {
+        assert!(c.ready().await, "ready with the database up");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background: Vec<_> =
+        clients.iter().map(|c| tokio::spawn(traffic(c.clone(), warm.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The database crashes (an immediate shutdown: no checkpoint, recovery at the next start).
     let mut cluster = tokio::task::spawn_blocking(move || {
@@ -170,33 +216,38 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     .unwrap();
     let down_since = Instant::now();
 
-    // What needs the store fails in each frontend's envelope within the deadline ...
-    let x = c.xks(&cold).await;
-    assert_store_envelope("XKS, key not in cache, database down", &x, XKS_DOWN);
-    let a = c.alibaba(&cold).await;
-    assert_store_envelope("Alibaba, key not in cache, database down", &a, ALIBABA_DOWN);
-    println!(
-        "database down: XKS {} {:?} after {:?}; Alibaba {} {:?} after {:?}",
-        x.status, x.error, x.took, a.status, a.error, a.took
-    );
-    // ... readiness turns false ...
-    let not_ready = wait_for(Duration::from_secs(10), "/readyz turning 503", async || !c.ready().await).await;
-    println!("/readyz 503 {not_ready:?} after the probe started ({:?} after the crash)", down_since.elapsed());
-    // ... XKS GetHealthStatus reports the members as not ACTIVE (KMS sees the proxy as unhealthy) ...
-    let mut status = String::new();
-    wait_for(Duration::from_secs(10), "XKS health leaving ACTIVE", async || {
-        let h = xks_health(c.addr, &c.xks).await;
-        status = h.json()["ekmFleetDetails"][0]["healthStatus"].as_str().unwrap_or("?").to_owned();
-        h.status == 200 && status != "ACTIVE"
-    })
-    .await;
-    println!("XKS GetHealthStatus with the database down: {status}");
-    // ... and keys already in the cache keep serving cryptography.
-    assert_ok("XKS, cached key, database down", &c.xks(&warm).await);
-    assert_ok("Alibaba, cached key, database down", &c.alibaba(&warm).await);
-    assert!(server.child.id() > 0);
+    for c in &clients {
+        // What needs the store fails in each frontend's envelope within the deadline ...
+        let x = c.xks(&cold).await;
+        assert_store_envelope("XKS, key not in cache, database down", &x, XKS_DOWN);
+        let a = c.alibaba(&cold).await;
+        assert_store_envelope("Alibaba, key not in cache, database down", &a, ALIBABA_DOWN);
+        println!(
+            "{}: database down: XKS {} {:?} after {:?}; Alibaba {} {:?} after {:?}",
+            c.name, x.status, x.error, x.took, a.status, a.error, a.took
+        );
+        // ... readiness turns false ...
+        let not_ready = wait_for(Duration::from_secs(10), "/readyz turning 503", async || !c.ready().await).await;
+        println!(
+            "{}: /readyz 503 {not_ready:?} after the probe started ({:?} after the crash)",
+            c.name,
+            down_since.elapsed()
+        );
+        // ... XKS GetHealthStatus reports the members as not ACTIVE (KMS sees the proxy as unhealthy) ...
+        let mut status = String::new();
+        wait_for(Duration::from_secs(10), "XKS health leaving ACTIVE", async || {
+            let h = xks_health(c.addr, &c.xks).await;
+            status = h.json()["ekmFleetDetails"][0]["healthStatus"].as_str().unwrap_or("?").to_owned();
+            h.status == 200 && status != "ACTIVE"
+        })
+        .await;
+        println!("{}: XKS GetHealthStatus with the database down: {status}", c.name);
+        // ... and keys already in the cache keep serving cryptography.
+        assert_ok("XKS, cached key, database down", &c.xks(&warm).await);
+        assert_ok("Alibaba, cached key, database down", &c.alibaba(&warm).await);
+    }
 
-    // The database comes back: the server recovers by itself.
+    // The database comes back: the replicas recover by themselves.
     let restarted = Instant::now();
     let mut cluster = tokio::task::spawn_blocking(move || {
         cluster.start_again();
@@ -204,17 +255,33 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     })
     .await
     .unwrap();
-    let ready_after = wait_for(Duration::from_secs(20), "/readyz back to 200", async || c.ready().await).await;
-    println!(
-        "/readyz 200 again {ready_after:?} after the database accepted connections ({:?} incl. its start)",
-        restarted.elapsed()
-    );
-    wait_for(Duration::from_secs(10), "XKS health ACTIVE again", async || {
-        xks_health(c.addr, &c.xks).await.json()["ekmFleetDetails"][0]["healthStatus"] == "ACTIVE"
-    })
-    .await;
-    assert_ok("XKS, formerly failing key, after recovery", &c.xks(&cold).await);
-    assert_ok("Alibaba, formerly failing key, after recovery", &c.alibaba(&cold).await);
+    for c in &clients {
+        let ready_after = wait_for(Duration::from_secs(20), "/readyz back to 200", async || c.ready().await).await;
+        println!(
+            "{}: /readyz 200 again {ready_after:?} after the database accepted connections ({:?} incl. its start)",
+            c.name,
+            restarted.elapsed()
+        );
+        wait_for(Duration::from_secs(10), "XKS health ACTIVE again", async || {
+            xks_health(c.addr, &c.xks).await.json()["ekmFleetDetails"][0]["healthStatus"] == "ACTIVE"
+        })
+        .await;
+        assert_ok("XKS, formerly failing key, after recovery", &c.xks(&cold).await);
+        assert_ok("Alibaba, formerly failing key, after recovery", &c.alibaba(&cold).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for (c, t) in clients.iter().zip(background) {
+        let seen = t.await.expect("traffic kept to the envelopes");
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &seen {
+            *counts.entry(s.as_str()).or_default() += 1;
+        }
+        println!("{}: traffic across the outage: {counts:?}", c.name);
+        for needed in ["xks unknown 404 KeyNotFoundException", "xks unknown 503 DependencyTimeoutException"] {
+            assert!(counts.contains_key(needed), "{}: traffic never saw {needed}: {counts:?}", c.name);
+        }
+    }
 
     // Nothing acknowledged before the crash is lost.
     let listed = cli_json(p, &cfg, &["keys", "list"]);
@@ -222,12 +289,14 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     for id in acknowledged.iter().chain([&warm, &cold, &slow]) {
         assert!(ids.contains(&id.as_str()), "acknowledged key {id} is gone after the restart: {ids:?}");
     }
-    // The change feed is followed again: a disable through the CLI is enforced within the poll interval.
+    // The change feed is followed again: a disable through the CLI is enforced by both within the poll interval.
     cli_json(p, &cfg, &["keys", "disable", &warm]);
-    wait_for(Duration::from_millis(1500), "disable enforced after recovery", async || {
-        c.xks(&warm).await.error.as_deref() == Some("InvalidStateException")
-    })
-    .await;
+    for c in &clients {
+        wait_for(Duration::from_millis(1500), "disable enforced after recovery", async || {
+            c.xks(&warm).await.error.as_deref() == Some("InvalidStateException")
+        })
+        .await;
+    }
 
     // A slow database: a lock held on the keys table makes reading a key wait past the statement timeout.
     // The dependency-timeout error comes back within the deadline, and the key works once the lock is gone.
@@ -236,6 +305,7 @@ async fn database_crash_restart_and_slowness_under_traffic() {
         <sqlx::AnyConnection as sqlx::Connection>::connect(&cluster.url("sslmode=disable")).await.unwrap();
     sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
     sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+    let c = &clients[0];
     let x = c.xks(&slow).await;
     assert_store_envelope("XKS, database slow", &x, &[(503, "DependencyTimeoutException")]);
     let a = c.alibaba(&slow).await;
@@ -246,11 +316,13 @@ async fn database_crash_restart_and_slowness_under_traffic() {
     assert_ok("Alibaba once the lock is released", &c.alibaba(&slow).await);
     drop(blocker);
 
-    let log = server.log_text();
-    assert!(!log.contains("panicked"), "{log}");
-    for secret in [c.xks.secret.as_str(), "fault probe"] {
-        assert!(!log.contains(secret), "the log must not contain secrets or plaintext");
+    for server in &servers {
+        let log = server.log_text();
+        assert!(!log.contains("panicked"), "{log}");
+        for secret in [xks.secret.as_str(), "fault probe"] {
+            assert!(!log.contains(secret), "the log must not contain secrets or plaintext");
+        }
     }
-    drop(server);
+    drop(servers);
     tokio::task::spawn_blocking(move || cluster.stop(StopMode::Fast)).await.unwrap();
 }
