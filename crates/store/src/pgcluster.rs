@@ -57,8 +57,13 @@ fn bin_dir() -> PathBuf {
     }
 }
 
+/// Whether this process runs as root (then the server runs as `postgres`). Asked once, of `id -u`: the crate
+/// forbids the `unsafe` a direct `geteuid` call would need.
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    })
 }
 
 fn check(what: &str, out: std::io::Result<Output>) -> Output {
