@@ -1,5 +1,6 @@
 //! Several replicas on one PostgreSQL database (a schema of its own per run on the shared test server):
-//! two real `kmsgate serve` processes see each other's changes within about a second and count each other in
+//! two real `kmsgate serve` processes enforce changes made elsewhere (a key disabled or enabled, a credential
+//! revoked) within about a second and count each other in
 //! the XKS fleet size; two dispatchers with their own pools (as two replicas have) write one secret
 //! concurrently with `cas` without losing an update or duplicating a version number.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -127,6 +128,34 @@ async fn a_disable_through_the_cli_is_refused_by_both_replicas_within_a_second()
             let reply = xks_encrypt(r.addr, &cred, &key_id, b"again").await;
             assert_eq!(is_disabled_refusal(&reply), refused, "{}", String::from_utf8_lossy(&reply.body));
         }
+    }
+
+    // A revoked credential is refused by both replicas just as quickly (documents follow the change feed too);
+    // a second credential of the same key store keeps working.
+    let second = XksCred::from_file(
+        &serde_json::from_str(&cli_ok(p, &cli_cfg, &["xks", "credentials", "create", "--store", "rep"])).unwrap(),
+    );
+    for r in replicas {
+        assert_eq!(xks_encrypt(r.addr, &second, &key_id, b"second").await.status, 200);
+    }
+    cli_json(p, &cli_cfg, &["xks", "credentials", "revoke", &cred.akid]);
+    let (a_took, b_took) = tokio::join!(
+        time_until(PROPAGATION_LIMIT, || async {
+            let r = xks_encrypt(a.addr, &cred, &key_id, b"revoked").await;
+            r.status == 401 && r.json()["errorName"] == "AuthenticationFailedException"
+        }),
+        time_until(PROPAGATION_LIMIT, || async {
+            let r = xks_encrypt(b.addr, &cred, &key_id, b"revoked").await;
+            r.status == 401 && r.json()["errorName"] == "AuthenticationFailedException"
+        }),
+    );
+    assert!(
+        a_took.is_some() && b_took.is_some(),
+        "revocation not enforced within {PROPAGATION_LIMIT:?}: {a_took:?} {b_took:?}"
+    );
+    println!("credential revoked: refused by replica A after {a_took:?}, B after {b_took:?}");
+    for r in replicas {
+        assert_eq!(xks_encrypt(r.addr, &second, &key_id, b"second").await.status, 200, "the other credential works");
     }
 
     // The replicas table holds both processes.
