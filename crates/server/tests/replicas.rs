@@ -1,7 +1,6 @@
 //! Several replicas on one PostgreSQL database (a schema of its own per run on the shared test server):
 //! two real `kmsgate serve` processes enforce changes made elsewhere (a key disabled or enabled, a credential
-//! revoked) within about a second and count each other in
-//! the XKS fleet size; two dispatchers with their own pools (as two replicas have) write one secret
+//! revoked) within about a second and count each other in the XKS fleet size; two dispatchers with their own pools (as two replicas have) write one secret
 //! concurrently with `cas` without losing an update or duplicating a version number.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
