@@ -96,6 +96,8 @@ async fn verify_full_with_the_right_ca_connects_and_a_wrong_ca_is_a_clear_storag
         .await
         .expect_err("a name mismatch must be refused");
     assert_eq!(err.message(), "the TLS connection to the database failed", "{err:?} {:?}", err.internal_source());
+    let cause = err.internal_source().map(ToString::to_string).unwrap_or_default();
+    assert!(cause.contains("not valid for name"), "the log says why: {cause}");
     // ... which verify-ca does not (the chain alone is checked).
     let store = SqlStore::open_with(&url("127.0.0.1", "verify-ca", &good_ca), options()).await.expect("verify-ca");
     assert!(store.get_key(&tenant("acme"), &key_id("over-tls")).await.expect("read").is_some());
