@@ -52,12 +52,38 @@ async fn a_crashed_server_fails_calls_promptly_and_the_store_recovers_with_every
         acked.push(k.id);
     }
 
+    // A writer keeps creating keys while the server crashes: whatever it was told succeeded must survive.
+    let store = std::sync::Arc::new(store);
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut acked = Vec::new();
+            let mut failures = 0;
+            for i in 0.. {
+                match store.create_key(&sample_key("acme", &format!("during-{i}")), &[]).await {
+                    Ok(k) => acked.push(k.id),
+                    Err(e) => {
+                        assert!(matches!(e.kind(), ErrorKind::DependencyTimeout | ErrorKind::StorageFailure), "{e:?}");
+                        failures += 1;
+                        if failures == 3 {
+                            return acked;
+                        }
+                    }
+                }
+            }
+            acked
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut cluster = tokio::task::spawn_blocking(move || {
         cluster.stop(StopMode::Immediate);
         cluster
     })
     .await
     .expect("stop");
+    let during = writer.await.expect("writer");
+    assert!(!during.is_empty(), "the writer wrote before the crash");
+    acked.extend(during);
     for _ in 0..3 {
         let started = Instant::now();
         let err = store.get_key(&tenant("acme"), &acked[0]).await.expect_err("the server is down");
@@ -90,5 +116,6 @@ async fn a_crashed_server_fails_calls_promptly_and_the_store_recovers_with_every
         assert!(store.get_key(&tenant("acme"), id).await.expect("get").is_some(), "acknowledged {id} was lost");
     }
     store.create_key(&sample_key("acme", "after"), &[]).await.expect("writable again");
+    println!("{} acknowledged writes survived the crash", acked.len());
     store.close().await;
 }
