@@ -25,6 +25,9 @@ pub struct Config {
     /// Tenant that the CLI and frontends without tenant mapping use.
     pub default_tenant: String,
     pub server: ServerConfig,
+    /// The admin listener: probes and metrics, apart from the data listeners.
+    #[serde(default)]
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub store: StoreConfig,
     pub backend: BackendConfig,
@@ -53,6 +56,25 @@ pub struct ServerConfig {
     pub purge_interval_secs: u64,
     /// Largest request body accepted by any frontend, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// The admin listener serves `/healthz`, `/readyz` and `/metrics` on an address of its own, so probes and
+/// scrapes never share a port (or a network policy) with callers of the data APIs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin listener at all.
+    pub enabled: bool,
+    /// Its address; loopback by default, `0.0.0.0:8081` in a container so the kubelet and Prometheus reach it.
+    pub bind: SocketAddr,
+    /// TLS for the admin listener; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8081)), tls: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -169,6 +191,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./kmsgate-data"),
             default_tenant: "default".to_owned(),
             server: ServerConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
             store: StoreConfig::default(),
             backend: BackendConfig::default(),
@@ -257,13 +280,19 @@ impl Config {
         Ok((config, source))
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {
             bail!("backend.deadline_ms must be positive");
+        }
+        if self.admin.enabled && self.admin.bind == self.server.bind && self.admin.bind.port() != 0 {
+            bail!(
+                "admin.bind and server.bind are the same address {}; give the admin listener its own",
+                self.admin.bind
+            );
         }
         if self.server.change_poll_ms == 0 {
             bail!("server.change_poll_ms must be positive");
@@ -373,6 +402,8 @@ mod tests {
     fn defaults_are_the_embedded_default() {
         let c = Config::default();
         assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.bind.to_string(), "127.0.0.1:8081");
         assert!(c.store_url().ends_with("kmsgate-data/kmsgate.db"));
         assert_eq!(c.kek_file(), PathBuf::from("./kmsgate-data/kek"));
     }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod alibaba_cli;
 pub mod app;
 pub mod cli;
