@@ -1,4 +1,4 @@
-//! The admin listener: liveness, readiness and (later in this file) metrics on an address of their own, apart
+//! The admin listener: liveness, readiness and Prometheus metrics on an address of their own, apart
 //! from the data listeners. Kubernetes probes and Prometheus scrapes go here; callers of the data APIs never
 //! need to reach it.
 
@@ -30,6 +30,7 @@ pub fn router(app: &App, draining: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn(http::request_context))
@@ -40,6 +41,13 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "draining"}))).into_response();
     }
     http::readiness(&s.app.dispatcher).await
+}
+
+/// The text exposition format, version 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], s.app.metrics.render()).into_response()
 }
 
 async fn not_found() -> Response {

@@ -27,6 +27,8 @@ pub struct App {
     pub tenant: TenantId,
     /// The PKCS#11 fleet members (also registered in the dispatcher), for `kmsgate hsm` and key adoption.
     pub pkcs11: Vec<Arc<Pkcs11Backend>>,
+    /// The process's metrics (served on the admin listener's `/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl App {
@@ -86,7 +88,8 @@ impl App {
         let dispatcher = builder.config(dcfg).build().await.map_err(core_err).context("cannot start the dispatcher")?;
         let tenant = TenantId::parse(&config.default_tenant).map_err(core_err)?;
         dispatcher.ensure_tenant(&tenant).await.map_err(core_err).context("cannot create the default tenant")?;
-        Ok((App { config: Arc::new(config), dispatcher, tenant, pkcs11 }, boot))
+        let metrics = Arc::new(crate::metrics::Metrics::new(&dispatcher, pkcs11.clone()));
+        Ok((App { config: Arc::new(config), dispatcher, tenant, pkcs11, metrics }, boot))
     }
 
     /// The local administrator of the default tenant.

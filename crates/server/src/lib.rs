@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod hsm_cli;
 pub mod http;
+pub mod metrics;
 pub mod mtls;
 pub mod serve;
 pub mod store_cli;

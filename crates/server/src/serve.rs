@@ -53,6 +53,7 @@ pub fn router(app: &App) -> Router {
         .merge(kmsgate_alibaba::router(app.dispatcher.clone(), app.config.alibaba.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(app.config.server.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track))
         .layer(axum::middleware::from_fn(http::request_context))
 }
 
@@ -80,6 +81,12 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     let listener =
         TcpListener::bind(cfg.server.bind).await.with_context(|| format!("cannot listen on {}", cfg.server.bind))?;
     let local = listener.local_addr()?;
+    if let Some(t) = &cfg.server.tls {
+        app.metrics.watch_certificate("main", &t.cert)?;
+    }
+    if let Some(t) = cfg.admin.tls.as_ref().filter(|_| cfg.admin.enabled) {
+        app.metrics.watch_certificate("admin", &t.cert)?;
+    }
     let admin = match cfg.admin.enabled {
         true => {
             let tls = cfg.admin.tls.as_ref().map(http::tls_config).transpose()?;
@@ -134,6 +141,8 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
 
 /// How often a replica records that it is alive; `live_replicas` windows are a few of these.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How often the store-backed gauges (replicas, credential ages) are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(15);
 /// How long change-feed entries are kept: far longer than any poll interval or cache TTL.
 const CHANGE_RETENTION: Duration = Duration::from_secs(3600);
 
@@ -182,6 +191,22 @@ fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
                     Err(e) => tracing::warn!(error = %e, "cannot prune the change feed"),
                 },
                 _ = stop3.changed() => return,
+            }
+        }
+    });
+    // Gauges that need the store (replica count, credential ages) are refreshed here, not per scrape.
+    let d = app.dispatcher.clone();
+    let metrics = app.metrics.clone();
+    let mut stop4 = stop.clone();
+    tokio::spawn(async move {
+        // First a second after start, so this replica's own first heartbeat is counted.
+        let first = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(first, METRICS_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => metrics.refresh(&d, kmsgate_xks::health::REPLICA_WINDOW).await,
+                _ = stop4.changed() => return,
             }
         }
     });
@@ -252,7 +277,7 @@ fn print_banner(
     // The admin line comes first: scripts (and the tests) read the banner up to the `listening:` line.
     if let Some((addr, admin_tls)) = admin {
         let scheme = if admin_tls { "https" } else { "http" };
-        println!("  admin:     {scheme}://{addr}  (/healthz /readyz)");
+        println!("  admin:     {scheme}://{addr}  (/healthz /readyz /metrics)");
     }
     println!("  listening: {scheme}://{local}{}", if tls { "" } else { "  (plain HTTP: local use only)" });
     let probe = match admin {
