@@ -426,7 +426,59 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
         }
     }
 
+    deploy_references_only_exposed_metrics(&e);
     promtool_check(&text);
+}
+
+/// Every `kmsgate_*` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("kmsgate_") {
+        let tail = &rest[i..];
+        let end =
+            tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        // `kmsgate_*` in prose is a pattern, not a name.
+        if end > "kmsgate_".len() {
+            out.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The Grafana dashboard and the alert rules in deploy/ use only series this server exposes, and the dashboard
+/// shows every family.
+fn deploy_references_only_exposed_metrics(e: &Exposition) {
+    let mut exposed = BTreeSet::new();
+    for (family, kind) in &e.types {
+        exposed.insert(family.clone());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exposed.insert(format!("{family}{suffix}"));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/kmsgate/files");
+    for file in ["alerts.yaml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(used.len() >= 8, "{file} uses only {used:?}");
+        let unknown: Vec<_> = used.difference(&exposed).collect();
+        assert!(unknown.is_empty(), "{file} uses metrics the server does not expose: {unknown:?}");
+        if file.ends_with(".json") {
+            let shown: BTreeSet<String> = used
+                .iter()
+                .map(|n| {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .fold(n.clone(), |n, s| n.strip_suffix(s).map_or(n.clone(), str::to_owned))
+                })
+                .collect();
+            let missing: Vec<_> = e.types.keys().filter(|f| !shown.contains(*f)).collect();
+            assert!(missing.is_empty(), "the dashboard shows no panel for {missing:?}");
+        }
+    }
 }
 
 /// `promtool check metrics` (Debian's `prometheus` package). `./scripts/test` installs it and sets
