@@ -33,6 +33,9 @@ pub struct Config {
     pub backend: BackendConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    /// Where audit records go (docs/deployment.md#audit-log).
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The AWS KMS External Key Store proxy API (docs/xks.md).
     #[serde(default)]
     pub xks: kmsgate_xks::XksConfig,
@@ -197,6 +200,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
         }
@@ -248,6 +252,32 @@ impl Default for CacheConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig { max_plaintext_bytes: 64 * 1024, max_aad_bytes: 64 * 1024, max_keys_per_tenant: 0 }
+    }
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDestination {
+    /// A `tracing` event on the `audit` target, in the process log (no hash chain).
+    Log,
+    /// Hash-chained JSON lines appended to `audit.path`.
+    File,
+    /// Hash-chained JSON lines on standard output (a chain per process start).
+    Stdout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub destination: AuditDestination,
+    /// With `file`: the log file; empty means `<data_dir>/audit.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { destination: AuditDestination::Log, path: None }
     }
 }
 
@@ -374,6 +404,10 @@ impl Config {
             }
         }
         Ok(out)
+    }
+
+    pub fn audit_file(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
     pub fn kek_file(&self) -> PathBuf {

@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod alibaba_cli;
 pub mod app;
+pub mod audit_cli;
+pub mod audit_log;
 pub mod cli;
 pub mod config;
 pub mod hsm_cli;
