@@ -458,6 +458,28 @@ mod tests {
     }
 
     #[test]
+    fn admin_listener_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[admin]\nbind = \"0.0.0.0:9464\"\n[audit]\ndestination = \"file\"\n").unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.admin.bind.to_string(), "0.0.0.0:9464");
+        assert_eq!(c.audit.destination, AuditDestination::File);
+        assert_eq!(c.audit_file(), PathBuf::from("./kmsgate-data/audit.log"));
+        std::fs::write(&p, "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nbind = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err();
+        assert!(format!("{err:#}").contains("admin.bind"), "{err:#}");
+        std::fs::write(
+            &p,
+            "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nenabled = false\nbind = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&p)).is_ok(), "a disabled admin listener binds nothing");
+        std::fs::write(&p, "[admin]\nport = 1\n").unwrap();
+        assert!(Config::load(Some(&p)).is_err());
+    }
+
+    #[test]
     fn pkcs11_members() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.toml");
