@@ -80,6 +80,16 @@ async fn probes_are_served_on_the_admin_listener_apart_from_the_data_listener() 
     assert_eq!(r.json()["status"], "ready");
     assert_eq!(r.json()["store"], "ok");
 
+    let r = common::http(server.admin, "GET", "/metrics", b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = String::from_utf8(r.body).unwrap();
+    assert!(text.contains("# TYPE kmsgate_requests_total counter\n"), "{text}");
+    // Probes on the admin listener are not wire requests.
+    assert!(!text.contains("kmsgate_requests_total{"), "{text}");
+    // ... and metrics are not on the data listener.
+    assert_eq!(common::http(server.addr, "GET", "/metrics", b"").await.status, 404);
+
     // The data APIs are not on the admin listener (an XKS path and the Alibaba instance API root).
     let r = common::http(server.admin, "POST", "/kms/xks/v1/health", b"{}").await;
     assert_eq!(r.status, 404);
