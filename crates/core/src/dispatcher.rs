@@ -493,9 +493,15 @@ impl Dispatcher {
         r: &std::result::Result<Result<T>, tokio::time::error::Elapsed>,
     ) {
         let m = &self.inner.metrics;
+        // A refusal of the caller's input (a tag that does not authenticate, a bad signature) is the backend
+        // working: only timeouts and failures of the backend itself count against it.
         let (timeout, ok) = match r {
             Err(_) => (true, false),
-            Ok(Err(e)) => (e.kind() == ErrorKind::DependencyTimeout, false),
+            Ok(Err(e)) => match e.kind() {
+                ErrorKind::DependencyTimeout => (true, false),
+                ErrorKind::DependencyFailure | ErrorKind::StorageFailure | ErrorKind::Internal => (false, false),
+                _ => (false, true),
+            },
             Ok(Ok(_)) => (false, true),
         };
         m.backend_call(m.backend_index(backend), call, started.elapsed(), timeout, ok);

@@ -342,7 +342,7 @@ impl CoreMetrics {
             out,
             "kmsgate_backend_call_failures_total",
             "counter",
-            "Key backend calls that missed their deadline (reason=timeout) or failed (reason=error).",
+            "Key backend calls that missed their deadline (reason=timeout) or failed in the backend (reason=error).",
         );
         for b in self.backends.iter() {
             for (call, name) in [(BackendCall::Crypto, "crypto"), (BackendCall::Keygen, "keygen")] {
