@@ -5,6 +5,7 @@ pub mod audit;
 pub mod backend;
 pub mod dispatcher;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod secret;

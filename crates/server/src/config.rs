@@ -25,11 +25,17 @@ pub struct Config {
     /// Tenant that the CLI and frontends without tenant mapping use.
     pub default_tenant: String,
     pub server: ServerConfig,
+    /// The admin listener: probes and metrics, apart from the data listeners.
+    #[serde(default)]
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub store: StoreConfig,
     pub backend: BackendConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    /// Where audit records go (docs/deployment.md#audit-log).
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The AWS KMS External Key Store proxy API (docs/xks.md).
     #[serde(default)]
     pub xks: kmsgate_xks::XksConfig,
@@ -53,6 +59,25 @@ pub struct ServerConfig {
     pub purge_interval_secs: u64,
     /// Largest request body accepted by any frontend, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// The admin listener serves `/healthz`, `/readyz` and `/metrics` on an address of its own, so probes and
+/// scrapes never share a port (or a network policy) with callers of the data APIs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin listener at all.
+    pub enabled: bool,
+    /// Its address; loopback by default, `0.0.0.0:8081` in a container so the kubelet and Prometheus reach it.
+    pub bind: SocketAddr,
+    /// TLS for the admin listener; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8081)), tls: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -176,11 +201,13 @@ impl Default for Config {
             data_dir: PathBuf::from("./kmsgate-data"),
             default_tenant: "default".to_owned(),
             server: ServerConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
             store: StoreConfig::default(),
             backend: BackendConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
         }
@@ -235,6 +262,32 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDestination {
+    /// A `tracing` event on the `audit` target, in the process log (no hash chain).
+    Log,
+    /// Hash-chained JSON lines appended to `audit.path`.
+    File,
+    /// Hash-chained JSON lines on standard output (a chain per process start).
+    Stdout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub destination: AuditDestination,
+    /// With `file`: the log file; empty means `<data_dir>/audit.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { destination: AuditDestination::Log, path: None }
+    }
+}
+
 /// Where the configuration came from, for the start-up banner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -264,13 +317,19 @@ impl Config {
         Ok((config, source))
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {
             bail!("backend.deadline_ms must be positive");
+        }
+        if self.admin.enabled && self.admin.bind == self.server.bind && self.admin.bind.port() != 0 {
+            bail!(
+                "admin.bind and server.bind are the same address {}; give the admin listener its own",
+                self.admin.bind
+            );
         }
         if self.server.change_poll_ms == 0 {
             bail!("server.change_poll_ms must be positive");
@@ -370,6 +429,10 @@ impl Config {
         Ok(out)
     }
 
+    pub fn audit_file(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+
     pub fn kek_file(&self) -> PathBuf {
         self.backend.software.kek_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
     }
@@ -404,6 +467,8 @@ mod tests {
     fn defaults_are_the_embedded_default() {
         let c = Config::default();
         assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.bind.to_string(), "127.0.0.1:8081");
         assert!(c.store_url().ends_with("kmsgate-data/kmsgate.db"));
         assert_eq!(c.kek_file(), PathBuf::from("./kmsgate-data/kek"));
     }
@@ -421,6 +486,28 @@ mod tests {
         let err = Config::load(Some(&p)).unwrap_err();
         assert!(format!("{err:#}").contains("bnd"), "{err:#}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn admin_listener_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[admin]\nbind = \"0.0.0.0:9464\"\n[audit]\ndestination = \"file\"\n").unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.admin.bind.to_string(), "0.0.0.0:9464");
+        assert_eq!(c.audit.destination, AuditDestination::File);
+        assert_eq!(c.audit_file(), PathBuf::from("./kmsgate-data/audit.log"));
+        std::fs::write(&p, "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nbind = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err();
+        assert!(format!("{err:#}").contains("admin.bind"), "{err:#}");
+        std::fs::write(
+            &p,
+            "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nenabled = false\nbind = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&p)).is_ok(), "a disabled admin listener binds nothing");
+        std::fs::write(&p, "[admin]\nport = 1\n").unwrap();
+        assert!(Config::load(Some(&p)).is_err());
     }
 
     #[test]

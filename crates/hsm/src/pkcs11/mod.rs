@@ -714,8 +714,6 @@ impl Pkcs11Backend {
         let m = self.member();
         let attachment = m.last_attachment();
         let library = m.module.read().library.clone();
-        let s = &m.stats;
-        use std::sync::atomic::Ordering::Relaxed;
         Pkcs11Status {
             name: m.name().to_owned(),
             module: m.module.path.display().to_string(),
@@ -724,21 +722,29 @@ impl Pkcs11Backend {
             slot: attachment.as_ref().map(|a| a.slot.id()),
             token: attachment.map(|a| a.token),
             health,
-            pool: PoolStatus {
-                size: m.config.sessions,
-                open: s.open.load(Relaxed),
-                in_use: s.in_use.load(Relaxed),
-                waiting: s.waiting.load(Relaxed),
-                queue_capacity: m.config.queue,
-                failing: m.failing_sessions(),
-                sessions_opened: s.opened.load(Relaxed),
-                sessions_evicted: s.evicted.load(Relaxed),
-                recoveries: s.recoveries.load(Relaxed),
-                timeouts: s.timeouts.load(Relaxed),
-                rejected_queue_full: s.rejected.load(Relaxed),
-                abandoned: s.abandoned.load(Relaxed),
-            },
+            pool: self.pool_status(),
             slots,
+        }
+    }
+
+    /// The session pool's counters alone: atomics only, cheap enough for every metrics scrape.
+    pub fn pool_status(&self) -> PoolStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = self.member();
+        let s = &m.stats;
+        PoolStatus {
+            size: m.config.sessions,
+            open: s.open.load(Relaxed),
+            in_use: s.in_use.load(Relaxed),
+            waiting: s.waiting.load(Relaxed),
+            queue_capacity: m.config.queue,
+            failing: m.failing_sessions(),
+            sessions_opened: s.opened.load(Relaxed),
+            sessions_evicted: s.evicted.load(Relaxed),
+            recoveries: s.recoveries.load(Relaxed),
+            timeouts: s.timeouts.load(Relaxed),
+            rejected_queue_full: s.rejected.load(Relaxed),
+            abandoned: s.abandoned.load(Relaxed),
         }
     }
 

@@ -38,6 +38,8 @@ pub fn kmsgate(cwd: &Path, config: &Path) -> Command {
         .env_remove("KMSGATE_KEK")
         .env_remove("KMSGATE_CONFIG")
         .env("KMSGATE_LOG", "warn")
+        // Tests run in parallel: every server gets its own ephemeral admin port, not the fixed default.
+        .env("KMSGATE_ADMIN__BIND", "127.0.0.1:0")
         .arg("--config")
         .arg(config);
     c
