@@ -440,6 +440,21 @@ impl Dispatcher {
                 Outcome::Error { kind: e.kind().as_str() }
             }
         };
+        // The trace fields of the request span (see the server's telemetry module). Spans that do not declare
+        // them, as when tracing export is off, ignore these calls.
+        let span = tracing::Span::current();
+        span.record("operation", op.as_str());
+        span.record("tenant", caller.tenant.as_str());
+        if let Some(r) = &resource {
+            span.record("key_id", r.as_str());
+        }
+        span.record(
+            "outcome",
+            match &outcome {
+                Outcome::Ok => "ok",
+                Outcome::Error { kind } => kind,
+            },
+        );
         self.inner.audit.record(&AuditEvent {
             at: Timestamp::now(),
             request_id: caller.request_id.clone(),

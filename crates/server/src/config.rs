@@ -42,6 +42,9 @@ pub struct Config {
     /// The Alibaba Cloud KMS instance API (docs/alibaba.md).
     #[serde(default)]
     pub alibaba: kmsgate_alibaba::AlibabaConfig,
+    /// OpenTelemetry trace export over OTLP (docs/configuration.md#telemetry); off by default.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,6 +213,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -320,6 +324,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
+        self.telemetry.validate()?;
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {

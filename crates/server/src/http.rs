@@ -76,9 +76,11 @@ pub async fn request_context(mut req: Request<Body>, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let span = crate::telemetry::request_span(&id, req.method(), req.uri().path());
+    crate::telemetry::set_parent_from_headers(&span, req.headers());
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
+    crate::telemetry::record_response(&span, &resp);
     span.in_scope(|| {
         tracing::info!(
             target: "access",

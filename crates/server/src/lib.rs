@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod mtls;
 pub mod serve;
 pub mod store_cli;
+pub mod telemetry;
 pub mod xks_cli;

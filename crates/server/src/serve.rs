@@ -31,19 +31,31 @@ pub struct ServeArgs {
     log_format: Option<String>,
 }
 
-pub fn init_logging(config: &Config) {
+/// The process log, and the OTLP trace layer when `[telemetry]` is configured. The log filter applies to the
+/// log only, so a quiet log level does not silence traces.
+pub fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer as _;
     let filter = std::env::var("KMSGATE_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&config.log.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(crate::telemetry::layer(&config.telemetry)?);
     let _ = match config.log.format {
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter)).try_init()
+        }
     };
+    Ok(())
 }
 
 /// The router of the main listener: probes plus every enabled frontend.
@@ -74,7 +86,7 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     if let Some(f) = args.log_format {
         config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Text };
     }
-    init_logging(&config);
+    init_logging(&config)?;
     let (app, boot) = App::open(config).await?;
     let cfg = app.config.clone();
     let tls = cfg.server.tls.as_ref().map(http::tls_config).transpose()?;
@@ -134,6 +146,7 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
             Ok(Ok(())) => {}
         }
     }
+    crate::telemetry::shutdown();
     served?;
     tracing::info!("kmsgate stopped");
     Ok(())
