@@ -25,7 +25,7 @@ use tracing_subscriber::registry::LookupSpan;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// OTLP/gRPC endpoint of a collector, e.g. `http://otel-collector:4317`; empty: tracing export off.
+    /// OTLP/gRPC endpoint of a collector (plaintext), e.g. `http://otel-collector:4317`; empty: export off.
     pub endpoint: String,
     /// `service.name` of the exported spans.
     pub service_name: String,
@@ -62,8 +62,9 @@ impl TelemetryConfig {
             return Ok(());
         }
         let uri: http::Uri = self.endpoint.parse().context("telemetry.endpoint is not a URL")?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            bail!("telemetry.endpoint must be an http:// or https:// URL of an OTLP/gRPC collector");
+        // The exporter is built without a TLS stack: plaintext gRPC to a collector nearby (sidecar, cluster).
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            bail!("telemetry.endpoint must be an http:// URL of an OTLP/gRPC collector (no TLS in this build)");
         }
         if self.service_name.is_empty() {
             bail!("telemetry.service_name must not be empty");
@@ -240,6 +241,8 @@ mod tests {
         c.validate().unwrap();
         c.endpoint = "collector:4317".to_owned();
         assert!(c.validate().is_err());
+        c.endpoint = "https://collector:4317".to_owned();
+        assert!(c.validate().unwrap_err().to_string().contains("http://"));
         c.endpoint = "http://collector:4317".to_owned();
         c.sampling_ratio = 1.5;
         assert!(c.validate().unwrap_err().to_string().contains("sampling_ratio"));
