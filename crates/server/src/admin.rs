@@ -24,16 +24,19 @@ pub struct AdminState {
     draining: Arc<AtomicBool>,
 }
 
-/// The admin listener's router.
-pub fn router(app: &App, draining: Arc<AtomicBool>) -> Router {
+/// The admin listener's router; with a token, the online admin API (`crate::admin_api`) too.
+pub fn router(app: &App, draining: Arc<AtomicBool>, api: Option<crate::admin_api::AdminToken>) -> Router {
     let state = Arc::new(AdminState { app: app.clone(), draining });
-    Router::new()
+    let probes = Router::new()
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .with_state(state)
-        .layer(axum::middleware::from_fn(http::request_context))
+        .with_state(state);
+    let router = match api {
+        Some(token) => probes.merge(crate::admin_api::routes(app, token)),
+        None => probes,
+    };
+    router.fallback(not_found).layer(axum::middleware::from_fn(http::request_context))
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {

@@ -73,10 +73,10 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     #[arg(long, default_value_t = 100)]
-    limit: u32,
+    pub(crate) limit: u32,
     /// Continue after this key id (the `next` of the previous page).
     #[arg(long)]
-    after: Option<String>,
+    pub(crate) after: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +158,7 @@ pub async fn keys(config: Config, cmd: KeysCommand, json_out: bool) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
-fn create_request(a: &CreateArgs) -> anyhow::Result<CreateKeyRequest> {
+pub(crate) fn create_request(a: &CreateArgs) -> anyhow::Result<CreateKeyRequest> {
     let spec: KeySpec = parse(a.spec.parse(), "--spec")?;
     let mut req = CreateKeyRequest::new(spec);
     if let Some(u) = &a.usage {
@@ -193,7 +193,7 @@ async fn aliases_of(app: &App, key: &KeyId) -> Vec<String> {
     }
 }
 
-fn key_json(k: &Key, aliases: &[String]) -> serde_json::Value {
+pub(crate) fn key_json(k: &Key, aliases: &[String]) -> serde_json::Value {
     json!({
         "id": k.id,
         "tenant": k.tenant,
@@ -218,7 +218,7 @@ fn usage_text(u: KeyUsageSet) -> String {
     if u.is_empty() { "none".to_owned() } else { u.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",") }
 }
 
-fn print_key(k: &Key, aliases: &[String]) {
+pub(crate) fn print_key(k: &Key, aliases: &[String]) {
     println!("id:          {}", k.id);
     println!("spec:        {}", k.spec);
     println!("usage:       {}", usage_text(k.usage));

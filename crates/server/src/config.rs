@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `KMSGATE_` prefix that are not configuration keys (`KMSGATE_TEST_*` are the
 /// test suite's).
-const NON_CONFIG_ENV: &[&str] = &["KEK", "CONFIG", "LOG"];
+const NON_CONFIG_ENV: &[&str] = &["KEK", "CONFIG", "LOG", "SERVER", "ADMIN_TOKEN", "SERVER_CA"];
 
 fn is_config_env(key: &str) -> bool {
     !NON_CONFIG_ENV.iter().any(|n| key.eq_ignore_ascii_case(n)) && !key.to_ascii_uppercase().starts_with("TEST_")
@@ -75,11 +75,21 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// TLS for the admin listener; plain HTTP when absent.
     pub tls: Option<TlsConfig>,
+    /// Serve the online admin API (`/v1/...`, docs/admin-api.md) on the admin listener.
+    pub api: bool,
+    /// The admin API's bearer token; empty means `<data_dir>/admin.token`, generated (mode 0600) when missing.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8081)), tls: None }
+        AdminConfig {
+            enabled: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            tls: None,
+            api: true,
+            token_file: None,
+        }
     }
 }
 
@@ -436,6 +446,10 @@ impl Config {
 
     pub fn audit_file(&self) -> PathBuf {
         self.audit.path.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.admin.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin.token"))
     }
 
     pub fn kek_file(&self) -> PathBuf {

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
+pub mod admin_client;
 pub mod alibaba_cli;
 pub mod app;
 pub mod audit_cli;

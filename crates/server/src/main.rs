@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kmsgate::{alibaba_cli, audit_cli, audit_log, cli, config, hsm_cli, serve, store_cli, xks_cli};
+use kmsgate::{admin_client, alibaba_cli, audit_cli, audit_log, cli, config, hsm_cli, serve, store_cli, xks_cli};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
@@ -24,6 +24,10 @@ struct Args {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// Send keys, aliases, xks, alibaba and hsm commands to a running server's admin API (its admin listener,
+    /// e.g. http://127.0.0.1:8081) instead of opening the store; see docs/admin-api.md.
+    #[arg(long, global = true, env = "KMSGATE_SERVER")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,7 +88,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(t) = args.tenant {
         config.default_tenant = t;
     }
-    match args.command {
+    let command = match (args.server.as_deref(), args.command) {
+        (None, c) | (Some(_), c @ (Command::Serve(_) | Command::Store(_) | Command::Audit(_))) => c,
+        (Some(url), c) => {
+            let remote = admin_client::Remote::new(url, &config)?;
+            return match c {
+                Command::Keys(cmd) => admin_client::keys(&remote, cmd, args.json).await,
+                Command::Aliases(cmd) => admin_client::aliases(&remote, cmd, args.json).await,
+                Command::Xks(cmd) => admin_client::xks(&remote, cmd, args.json).await,
+                Command::Alibaba(cmd) => admin_client::alibaba(&remote, cmd, args.json).await,
+                Command::Hsm(cmd) => admin_client::hsm(&remote, cmd, args.json).await,
+                _ => anyhow::bail!("this command does not work through --server"),
+            };
+        }
+    };
+    match command {
         Command::Serve(serve_args) => serve::run(config, source, serve_args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(cmd) => cli::keys(config, cmd, args.json).await,
         Command::Aliases(cmd) => cli::aliases(config, cmd, args.json).await,

@@ -99,6 +99,10 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     if let Some(t) = cfg.admin.tls.as_ref().filter(|_| cfg.admin.enabled) {
         app.metrics.watch_certificate("admin", &t.cert)?;
     }
+    let api_token = match cfg.admin.enabled && cfg.admin.api {
+        true => Some(crate::admin_api::load_or_create_token(&cfg)?),
+        false => None,
+    };
     let admin = match cfg.admin.enabled {
         true => {
             let tls = cfg.admin.tls.as_ref().map(http::tls_config).transpose()?;
@@ -123,7 +127,7 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
     let admin_task = admin.map(|(listener, tls, addr)| {
         tracing::info!(bind = %addr, tls = tls.is_some(), "admin listener");
-        let router = crate::admin::router(&app, draining.clone());
+        let router = crate::admin::router(&app, draining.clone(), api_token.clone());
         let stop = async move {
             let _ = admin_stop_rx.changed().await;
         };
