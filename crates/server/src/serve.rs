@@ -294,7 +294,8 @@ fn print_banner(
     // The admin line comes first: scripts (and the tests) read the banner up to the `listening:` line.
     if let Some((addr, admin_tls)) = admin {
         let scheme = if admin_tls { "https" } else { "http" };
-        println!("  admin:     {scheme}://{addr}  (/healthz /readyz /metrics)");
+        let api = if cfg.admin.api { " /v1 admin API" } else { "" };
+        println!("  admin:     {scheme}://{addr}  (/healthz /readyz /metrics{api})");
     }
     println!("  listening: {scheme}://{local}{}", if tls { "" } else { "  (plain HTTP: local use only)" });
     let probe = match admin {
