@@ -215,6 +215,9 @@ async fn authenticate(State(s): State<Arc<ApiState>>, req: Request, next: Next) 
     };
     match answer {
         Some(message) => {
+            // Never the presented value: a near miss of the token is still most of the token.
+            let peer = req.extensions().get::<crate::http::ConnInfo>().map(|c| c.peer.to_string()).unwrap_or_default();
+            tracing::warn!(%peer, path = %req.uri().path(), reason = message, "admin API request refused");
             let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
             resp.extensions_mut().insert(WireLabels {
                 frontend: Frontend::Admin,
