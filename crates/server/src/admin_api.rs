@@ -129,9 +129,15 @@ pub fn routes(app: &App, token: AdminToken) -> Router {
         .route("/v1/alibaba/client-keys", get(client_keys))
         .route("/v1/alibaba/client-keys/{id}/revoke", post(client_key_revoke))
         .route("/v1/hsm/status", get(hsm_status))
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track))
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the route does not take this method")
+        .into_response()
 }
 
 /// An error of the admin API: `{"error": {"code": ..., "message": ...}}`.

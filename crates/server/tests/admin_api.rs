@@ -299,6 +299,7 @@ async fn refusals_of_the_admin_api_are_json_with_their_status() {
         "invalid_request",
     );
     expect(call(a, t, "POST", &format!("/v1/keys/{id}/cancel-deletion"), None).await, 409, "invalid_key_state");
+    expect(call(a, t, "DELETE", "/v1/keys", None).await, 405, "method_not_allowed");
     expect(call(a, t, "GET", "/v1/keys?limit=0", None).await, 400, "invalid_request");
     expect(call(a, t, "GET", "/v1/keys?colour=red", None).await, 400, "invalid_request");
     expect(call(a, t, "GET", "/v1/keys?after=%zz", None).await, 400, "invalid_request");
