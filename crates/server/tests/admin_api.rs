@@ -419,3 +419,37 @@ async fn the_cli_reaches_an_admin_listener_over_tls() {
     assert_ne!(code, 0);
     assert!(err.contains("TLS to localhost"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_status_through_the_server_shows_its_own_pkcs11_members() {
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run through ./scripts/test"));
+    let _ = var("SOFTHSM2_CONF");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let cfg = config(p);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[[backend.pkcs11]]\nname = \"hsm\"\nmodule = {}\ntoken_label = {}\npin_file = {}\nsessions = 2\n\
+         deadline_ms = 5000\n",
+        toml_str(
+            &std::env::var("KMSGATE_TEST_P11_MODULE").unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into())
+        ),
+        toml_str(&std::env::var("KMSGATE_TEST_P11_TOKEN").unwrap_or_else(|_| "kmsgate-test".into())),
+        toml_str(&var("KMSGATE_TEST_P11_PIN_FILE")),
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let server = start(p, &cfg);
+
+    let status = remote_json(p, &cfg, &server, &["hsm", "status"]);
+    let member = &status["members"][0];
+    assert_eq!(member["name"], "hsm", "{status}");
+    assert_eq!(member["health"]["status"], "ACTIVE", "{status}");
+    assert_eq!(member["pool"]["size"], 2, "{status}");
+    let (code, out, err) = remote(p, &cfg, &server, None, &["hsm", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("hsm: ACTIVE"), "{out}");
+
+    // A key created through the server in the HSM.
+    let key = remote_json(p, &cfg, &server, &["keys", "create", "--backend", "hsm"]);
+    assert_eq!(key["versions"][0]["backend"], "hsm", "{key}");
+}
