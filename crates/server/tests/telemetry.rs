@@ -275,6 +275,9 @@ async fn spans_reach_an_otlp_collector_with_the_callers_trace_and_no_secrets() {
     assert_eq!(attr(&ali_span, "outcome").as_deref(), Some("ok"));
     assert_eq!(ali_span.name, "alibaba_instance Encrypt");
 
+    // With telemetry on, the log's request span carries the trace fields too (the off test relies on this).
+    assert!(server.log_text().contains("otel.kind"), "{}", server.log_text());
+
     // No attribute anywhere (nor anything else the collector received) holds what the requests protected.
     let dump = collector.dump();
     let mut secrets: Vec<String> = vec![
@@ -318,4 +321,38 @@ fn spawn_and_wait(mut cmd: std::process::Command, log: &std::path::Path) -> proc
     };
     std::thread::spawn(move || for _ in lines {});
     process::Server { child, addr, log: log.to_path_buf() }
+}
+
+/// Without `[telemetry]` nothing is exported, even with the SDK's own environment variables pointing at a
+/// collector and a `traceparent` on the request: no exporter exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_exported_when_telemetry_is_off() {
+    let collector = Collector::default();
+    let collector_addr = collector.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let cfg = p.join("kmsgate.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {}\n[server]\nbind = \"127.0.0.1:0\"\n", toml_str(&p.join("data").display().to_string())),
+    )
+    .unwrap();
+    let log = p.join("serve.log");
+    let mut cmd = process::kmsgate(p, &cfg);
+    cmd.arg("serve")
+        .env("KMSGATE_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector_addr}"))
+        .env("OTEL_TRACES_EXPORTER", "otlp")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let server = spawn_and_wait(cmd, &log);
+    let mut req = common::request("GET", &server.addr.to_string(), "/healthz", b"");
+    req.headers_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+    let r = common::send_on(tokio::net::TcpStream::connect(server.addr).await.unwrap(), false, req).await.unwrap();
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(collector.got.lock().unwrap().is_empty(), "spans were exported with telemetry off");
+    // The log's request span is the plain one: no trace fields.
+    assert!(!server.log_text().contains("otel.kind"), "{}", server.log_text());
 }
