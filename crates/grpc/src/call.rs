@@ -88,19 +88,39 @@ pub async fn begin<T>(auth: &AuthChain, req: &Request<T>, frontend: Frontend) ->
 }
 
 /// Runs a dispatcher operation under the call's deadline and maps its error.
-pub async fn run<T>(deadline: Option<Instant>, work: impl Future<Output = Result<T, Error>>) -> Result<T, Status> {
-    let Some(deadline) = deadline else {
-        return work.await.map_err(|e| status_of(&e));
+///
+/// The operation runs as its own task: when the client goes away (or its deadline passes first on its side,
+/// which cancels the HTTP/2 stream), the operation still finishes, bounded by its dependency deadlines, and
+/// is audited; a mutation is never dropped halfway.
+pub async fn run<T: Send + 'static>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Status> {
+    let task = tokio::spawn(async move {
+        match deadline {
+            Some(d) => kmsgate_core::deadline::with_deadline(d, work).await,
+            None => work.await,
+        }
+    });
+    let joined = match deadline {
+        None => task.await,
+        // Dropping the handle does not stop the task: it ends on its own, bounded by the same deadline.
+        Some(d) => match tokio::time::timeout_at((d + DEADLINE_SLACK).into(), task).await {
+            Ok(j) => j,
+            Err(_) => return Err(deadline_exceeded()),
+        },
     };
-    let bounded = kmsgate_core::deadline::with_deadline(deadline, work);
-    match tokio::time::timeout_at((deadline + DEADLINE_SLACK).into(), bounded).await {
+    match joined {
         Ok(Ok(v)) => Ok(v),
         // A dependency cut short by the caller's deadline: the caller's own deadline is what passed.
-        Ok(Err(e)) if e.kind() == ErrorKind::DependencyTimeout && Instant::now() >= deadline => {
+        Ok(Err(e)) if e.kind() == ErrorKind::DependencyTimeout && deadline.is_some_and(|d| Instant::now() >= d) => {
             Err(deadline_exceeded())
         }
         Ok(Err(e)) => Err(status_of(&e)),
-        Err(_) => Err(deadline_exceeded()),
+        Err(join) => {
+            tracing::error!(error = %join, "a gRPC operation panicked");
+            Err(status_of(&Error::internal("the operation failed")))
+        }
     }
 }
 
@@ -112,8 +132,9 @@ pub async fn with_caller<Q, T, F, Fut>(
     work: F,
 ) -> Result<T, Status>
 where
+    T: Send + 'static,
     F: FnOnce(Dispatcher, Caller, Q) -> Fut,
-    Fut: Future<Output = Result<T, Error>>,
+    Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let ctx = begin(auth, &req, Frontend::Grpc).await?;
     run(ctx.deadline, work(dispatcher.clone(), ctx.caller, req.into_inner())).await

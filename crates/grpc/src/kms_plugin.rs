@@ -186,13 +186,13 @@ impl KeyManagementService for KmsPlugin {
         let deadline = deadline_of(&req)?;
         let caller = self.caller(&req, &req.get_ref().uid);
         let r = req.into_inner();
-        let reply = run(deadline, async {
-            let e = self
-                .dispatcher
+        let (d, key) = (self.dispatcher.clone(), self.key.clone());
+        let reply = run(deadline, async move {
+            let e = d
                 .encrypt(
                     &caller,
                     EncryptRequest {
-                        key: self.key.clone(),
+                        key,
                         algorithm: Some(EncryptionAlgorithm::AesGcm),
                         plaintext: Zeroizing::new(r.plaintext),
                         aad: AAD.to_vec(),
@@ -221,9 +221,9 @@ impl KeyManagementService for KmsPlugin {
                 "the key_id does not match the ciphertext",
             )));
         }
-        let plaintext = run(deadline, async {
-            let p = self
-                .dispatcher
+        let d = self.dispatcher.clone();
+        let plaintext = run(deadline, async move {
+            let p = d
                 .decrypt(
                     &caller,
                     DecryptRequest {

@@ -7,6 +7,8 @@ pub mod alibaba_cli;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod grpc;
+pub mod grpc_cli;
 pub mod hsm_cli;
 pub mod http;
 pub mod mtls;

@@ -76,6 +76,15 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
 
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_background(&app, stop_rx.clone());
+    let grpc = crate::grpc::start(&app, stop_rx.clone()).await?;
+    if let Some(a) = grpc.api {
+        println!("  gRPC:      https://{a} (kmsgate.v1, grpc.health.v1; docs/grpc.md)");
+        tracing::info!(bind = %a, "gRPC API listening");
+    }
+    if let Some(p) = &grpc.plugin {
+        println!("  KMS v2:    unix://{} (Kubernetes KMS plugin; docs/kubernetes-kms.md)", p.display());
+        tracing::info!(socket = %p.display(), "Kubernetes KMS v2 plugin listening");
+    }
 
     let shutdown = async move {
         wait_for_signal().await;
@@ -83,6 +92,9 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
         let _ = stop_tx.send(true);
     };
     http::serve(listener, tls, router(&app), shutdown, Duration::from_secs(cfg.server.shutdown_grace_secs)).await?;
+    for task in grpc.tasks {
+        let _ = task.await;
+    }
     tracing::info!("kmsgate stopped");
     Ok(())
 }

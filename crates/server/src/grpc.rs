@@ -1,0 +1,221 @@
+//! The gRPC listeners: the internal API (`[grpc]`: its own TCP listener with TLS, h2 by ALPN, optional mTLS;
+//! docs/grpc.md) and the Kubernetes KMS v2 plugin (`[kms_plugin]`: a unix socket; docs/kubernetes-kms.md).
+//! Both reuse the server's rustls and connection code; tonic only contributes the services.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use kmsgate_core::{Dispatcher, KeyRef, TenantId};
+use kmsgate_grpc::{ApiOptions, AuthChain, KmsPlugin, KmsPluginConfig, MtlsAuthenticator, TlsClientNames};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::config::TlsConfig;
+use crate::http::{self, ConnInfo};
+
+/// `[grpc]`: the internal gRPC API listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Serve the API.
+    pub enabled: bool,
+    /// Address of its listener.
+    pub bind: SocketAddr,
+    /// TLS of the listener (required when enabled); `client_ca` enables the client certificates callers
+    /// authenticate with.
+    pub tls: Option<TlsConfig>,
+    /// Serve grpc.reflection.v1 and v1alpha (service and message descriptions only; no data).
+    pub reflection: bool,
+    /// How often a grpc.health.v1 Watch re-probes readiness, in seconds.
+    pub health_watch_secs: u64,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            enabled: false,
+            bind: SocketAddr::from(([127, 0, 0, 1], 9443)),
+            tls: None,
+            reflection: true,
+            health_watch_secs: 5,
+        }
+    }
+}
+
+impl GrpcConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.enabled && self.tls.is_none() {
+            bail!("grpc.tls is required when grpc.enabled: callers authenticate with TLS client certificates");
+        }
+        if self.health_watch_secs == 0 {
+            bail!("grpc.health_watch_secs must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// The authentication chain of the API. Today: mTLS client certificates mapped by `kmsgate grpc clients`.
+/// A bearer-token authenticator (the secrets API's tokens) is added here once that token store exists.
+pub fn auth_chain(dispatcher: &Dispatcher) -> AuthChain {
+    AuthChain::new().with(Arc::new(MtlsAuthenticator::new(dispatcher.clone())))
+}
+
+/// The API router: kmsgate.v1, grpc.health.v1, reflection; with the connection's client certificate names
+/// handed to the authenticators and the server's request id and access log.
+pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig) -> anyhow::Result<Router> {
+    let options =
+        ApiOptions { reflection: cfg.reflection, health_watch_every: Duration::from_secs(cfg.health_watch_secs) };
+    let api =
+        kmsgate_grpc::api_router(dispatcher.clone(), auth_chain(&dispatcher), &options).map_err(anyhow::Error::msg)?;
+    Ok(api.layer(axum::middleware::from_fn(client_names)).layer(axum::middleware::from_fn(http::request_context)))
+}
+
+/// Hands the verified client certificate's names (SAN dNSNames, then CNs) to the gRPC authenticators.
+async fn client_names(mut req: Request<Body>, next: Next) -> Response {
+    let names = req
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.client_certs.as_ref())
+        .and_then(|chain| chain.first())
+        .map(|leaf| crate::mtls::certificate_names(leaf));
+    if let Some(names) = names {
+        req.extensions_mut().insert(TlsClientNames(Arc::new(names)));
+    }
+    next.run(req).await
+}
+
+/// The KMS v2 plugin service of `[kms_plugin]`.
+pub fn plugin_router(
+    dispatcher: Dispatcher,
+    cfg: &KmsPluginConfig,
+    default_tenant: &TenantId,
+) -> anyhow::Result<Router> {
+    let key = KeyRef::parse(&cfg.key).map_err(|e| anyhow::anyhow!("kms_plugin.key: {}", e.message()))?;
+    let tenant = match &cfg.tenant {
+        Some(t) => TenantId::parse(t).map_err(|e| anyhow::anyhow!("kms_plugin.tenant: {}", e.message()))?,
+        None => default_tenant.clone(),
+    };
+    Ok(kmsgate_grpc::kms_plugin_router(KmsPlugin::new(dispatcher, tenant, key, cfg.identity.clone())))
+}
+
+/// Serves `router` (gRPC over h2 with prior knowledge) on a unix socket bound by [`bind_unix`] until
+/// `shutdown`, then drains for up to `grace` and removes the socket file.
+pub async fn serve_unix(
+    listener: UnixListener,
+    path: PathBuf,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(Builder::new(TokioExecutor::new()));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unix socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "plugin connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => tracing::warn!("KMS plugin connections still open after the grace period"),
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Binds a unix socket at `path`, made mode 0600 (whoever can connect acts as the plugin's identity). A stale
+/// socket file is replaced; any other file at the path is an error.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?
+        }
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(listener)
+}
+
+/// What `start` bound, for the banner.
+#[derive(Debug, Default)]
+pub struct Started {
+    pub api: Option<SocketAddr>,
+    pub plugin: Option<PathBuf>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Binds and spawns the configured gRPC listeners; each stops when `stop` turns true.
+pub async fn start(app: &crate::app::App, stop: watch::Receiver<bool>) -> anyhow::Result<Started> {
+    let cfg = &app.config;
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let mut started = Started::default();
+    if cfg.grpc.enabled {
+        let tls_cfg = cfg.grpc.tls.as_ref().context("grpc.tls is required")?;
+        let tls = http::tls_config(tls_cfg).context("grpc.tls")?;
+        let router = router(app.dispatcher.clone(), &cfg.grpc)?;
+        let listener =
+            TcpListener::bind(cfg.grpc.bind).await.with_context(|| format!("cannot listen on {}", cfg.grpc.bind))?;
+        started.api = Some(listener.local_addr()?);
+        let stop = stopped(stop.clone());
+        started.tasks.push(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, Some(tls), router, stop, grace).await {
+                tracing::error!(error = %e, "the gRPC listener failed");
+            }
+        }));
+    }
+    if let Some(path) = cfg.kms_plugin.socket.clone() {
+        let router = plugin_router(app.dispatcher.clone(), &cfg.kms_plugin, &app.tenant)?;
+        // Bind now so a bad path fails start-up, not a background task.
+        let listener = bind_unix(&path)?;
+        started.plugin = Some(path.clone());
+        let stop = stopped(stop);
+        started.tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve_unix(listener, path, router, stop, grace).await {
+                tracing::error!(error = %e, "the KMS plugin socket failed");
+            }
+        }));
+    }
+    Ok(started)
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
