@@ -219,3 +219,33 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::config::Config;
+
+    fn load(toml: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, toml).unwrap();
+        Config::load(Some(&p)).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn grpc_and_plugin_sections() {
+        let c = load("").unwrap();
+        assert!(!c.grpc.enabled && c.kms_plugin.socket.is_none());
+        assert_eq!(c.grpc.bind.to_string(), "127.0.0.1:9443");
+        let err = format!("{:#}", load("[grpc]\nenabled = true\n").unwrap_err());
+        assert!(err.contains("grpc.tls is required"), "{err}");
+        let c = load("[grpc]\nenabled = true\nreflection = false\n[grpc.tls]\ncert = \"c\"\nkey = \"k\"\n").unwrap();
+        assert!(c.grpc.enabled && !c.grpc.reflection);
+        let err = format!("{:#}", load("[kms_plugin]\nsocket = \"/tmp/x.sock\"\n").unwrap_err());
+        assert!(err.contains("kms_plugin.key"), "{err}");
+        let c = load("[kms_plugin]\nsocket = \"/tmp/x.sock\"\nkey = \"alias/k8s\"\ntenant = \"t1\"\n").unwrap();
+        assert_eq!((c.kms_plugin.key.as_str(), c.kms_plugin.identity.as_str()), ("alias/k8s", "kubernetes-kms"));
+        assert!(load("[kms_plugin]\nsocket = \"/tmp/x.sock\"\nkey = \"alias/k8s\"\nidentity = \"a b\"\n").is_err());
+        assert!(load("[grpc]\nbogus = 1\n").is_err(), "unknown keys are errors");
+    }
+}
