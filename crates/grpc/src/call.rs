@@ -74,7 +74,15 @@ pub fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
 pub async fn begin<T>(auth: &AuthChain, req: &Request<T>, frontend: Frontend) -> Result<CallCtx, Status> {
     let deadline = deadline_of(req)?;
     let ctx = CallContext { metadata: req.metadata(), extensions: req.extensions() };
-    let principal = auth.authenticate(ctx).await.map_err(|e| status_of(&e))?;
+    // Credential lookups are store calls: the caller's deadline bounds them too.
+    let principal = match deadline {
+        Some(d) => kmsgate_core::deadline::with_deadline(d, auth.authenticate(ctx)).await,
+        None => auth.authenticate(ctx).await,
+    };
+    let principal = principal.map_err(|e| match deadline {
+        Some(d) if e.kind() == ErrorKind::DependencyTimeout && Instant::now() >= d => deadline_exceeded(),
+        _ => status_of(&e),
+    })?;
     Ok(CallCtx {
         caller: Caller {
             tenant: principal.tenant,

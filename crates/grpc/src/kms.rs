@@ -134,9 +134,8 @@ impl KeyManagementService for KmsService {
 
     async fn verify(&self, req: Request<pb::VerifyRequest>) -> R<pb::VerifyResponse> {
         with_caller(&self.auth, &self.dispatcher, req, |d, c, r| async move {
-            let key = key_ref(&r.key_id)?;
             let sr = SignRequest {
-                key: key.clone(),
+                key: key_ref(&r.key_id)?,
                 algorithm: convert::sign_alg_from(r.algorithm)?,
                 input: verify_input(r.input.clone())?,
                 version: version(&r.key_version)?,

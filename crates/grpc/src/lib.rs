@@ -90,3 +90,24 @@ pub fn kms_plugin_router(plugin: KmsPlugin) -> axum::Router {
     use proto::k8s_kms_v2::key_management_service_server::KeyManagementServiceServer;
     tonic::service::Routes::new(KeyManagementServiceServer::new(plugin)).prepare().into_axum_router()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use prost::Message as _;
+
+    #[test]
+    fn reflection_descriptor_is_self_contained() {
+        let fds = prost_types::FileDescriptorSet::decode(crate::proto::KMSGATE_V1_DESCRIPTOR).unwrap();
+        let names: Vec<_> = fds.file.iter().map(|f| f.name()).collect();
+        for needed in [
+            "kmsgate/v1/kms.proto",
+            "kmsgate/v1/secrets.proto",
+            "kmsgate/v1/types.proto",
+            "google/protobuf/timestamp.proto",
+        ] {
+            assert!(names.contains(&needed), "{needed} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("k8s/")), "the plugin's API is not reflected");
+    }
+}

@@ -502,6 +502,138 @@ async fn every_rpc_over_mtls() {
     assert!(events.iter().any(|e| e.operation == Operation::PutSecretValue || e.operation == Operation::CreateSecret));
 }
 
+/// RSA and EC keys over gRPC: OAEP encryption, PKCS#1 v1.5 and PSS signatures, ECDSA, public keys.
+async fn asymmetric_round_trips(kms: &mut KeyManagementServiceClient<Channel>) {
+    let rsa = kms
+        .create_key(pb::CreateKeyRequest {
+            spec: pb::KeySpec::Rsa2048 as i32,
+            usage: Some(pb::KeyUsages {
+                usages: [pb::KeyUsage::Encrypt, pb::KeyUsage::Decrypt, pb::KeyUsage::Sign, pb::KeyUsage::Verify]
+                    .map(|u| u as i32)
+                    .to_vec(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let e = kms
+        .encrypt(pb::EncryptRequest {
+            key_id: rsa.key_id.clone(),
+            plaintext: b"wrapped".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((e.algorithm, e.iv.len(), e.tag.len()), (pb::EncryptionAlgorithm::RsaOaepSha256 as i32, 0, 0));
+    assert_eq!(e.ciphertext.len(), 256);
+    let p = kms
+        .decrypt(pb::DecryptRequest {
+            key_id: rsa.key_id.clone(),
+            ciphertext: e.ciphertext.clone(),
+            algorithm: pb::EncryptionAlgorithm::RsaOaepSha256 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.plaintext, b"wrapped");
+    for alg in [pb::SigningAlgorithm::RsaPkcs1Sha256, pb::SigningAlgorithm::RsaPssSha256] {
+        let sig = kms
+            .sign(pb::SignRequest {
+                key_id: rsa.key_id.clone(),
+                algorithm: alg as i32,
+                input: Some(pb::sign_request::Input::Digest(sha256(b"doc"))),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(sig.signature.len(), 256);
+        let v = kms
+            .verify(pb::VerifyRequest {
+                key_id: rsa.key_id.clone(),
+                algorithm: alg as i32,
+                input: Some(pb::verify_request::Input::Message(b"doc".to_vec())),
+                signature: sig.signature,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.valid, "{alg:?}");
+    }
+    let pk =
+        kms.get_public_key(pb::GetPublicKeyRequest { key_id: rsa.key_id.clone(), key_version: String::new() }).await;
+    assert_eq!(pk.unwrap().into_inner().spec, pb::KeySpec::Rsa2048 as i32);
+}
+
+#[tokio::test]
+async fn rsa_over_the_software_backend() {
+    let env = common::Env::software().await;
+    let s = serve(&env.dispatcher, true, grpc_config()).await;
+    asymmetric_round_trips(&mut s.kms().await).await;
+}
+
+/// The same API against the real HSM (SoftHSMv2 through PKCS#11), including a rotation and a deadline.
+#[tokio::test]
+async fn over_softhsm_pkcs11() {
+    let env = common::Env::pkcs11().await;
+    let s = serve(&env.dispatcher, true, grpc_config()).await;
+    let mut kms = s.kms().await;
+    let key = kms
+        .create_key(pb::CreateKeyRequest { spec: pb::KeySpec::Aes256 as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(key.versions[0].backend, "hsm-test");
+    let e = kms
+        .encrypt(pb::EncryptRequest {
+            key_id: key.key_id.clone(),
+            plaintext: b"in the HSM".to_vec(),
+            aad: b"a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    kms.rotate_key(pb::RotateKeyRequest { key_id: key.key_id.clone() }).await.unwrap();
+    let mut req = tonic::Request::new(pb::DecryptRequest {
+        key_id: key.key_id.clone(),
+        key_version: e.key_version.clone(),
+        iv: e.iv.clone(),
+        ciphertext: e.ciphertext.clone(),
+        tag: e.tag.clone(),
+        aad: b"a".to_vec(),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_secs(5));
+    assert_eq!(kms.decrypt(req).await.unwrap().into_inner().plaintext, b"in the HSM");
+    let mac_key = kms
+        .create_key(pb::CreateKeyRequest { spec: pb::KeySpec::Hmac256 as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let mac = kms.hmac(pb::HmacRequest { key_id: mac_key.key_id.clone(), data: b"d".to_vec() }).await.unwrap();
+    let ok = kms
+        .verify_hmac(pb::VerifyHmacRequest { key_id: mac_key.key_id, data: b"d".to_vec(), mac: mac.into_inner().mac })
+        .await
+        .unwrap();
+    assert!(ok.into_inner().valid);
+    assert_eq!(kms.random(pb::RandomRequest { length: 32 }).await.unwrap().into_inner().random.len(), 32);
+    asymmetric_round_trips(&mut kms).await;
+    let h = kms.health(pb::HealthRequest {}).await.unwrap().into_inner();
+    assert!(h.ready);
+    assert!(h.members.iter().any(|m| m.id.starts_with("hsm-test") && m.status == "ok"), "{:?}", h.members);
+}
+
 // ---- authentication over TLS and mTLS ----------------------------------------------------------------
 
 #[tokio::test]

@@ -163,6 +163,30 @@ async fn status_encrypt_decrypt_and_rotation() {
     assert_eq!(enc.metadata.get("uid").map(String::as_str), Some("uid-1"));
 }
 
+/// The plugin with its key in the HSM (SoftHSMv2 through PKCS#11), across a rotation.
+#[tokio::test]
+async fn over_softhsm_pkcs11_with_rotation() {
+    let env = common::Env::pkcs11().await;
+    let mut req = CreateKeyRequest::new(KeySpec::Aes256);
+    req.aliases = vec![kmsgate_core::AliasName::parse("alias/k8s-hsm").unwrap()];
+    let key = env.dispatcher.create_key(&env.caller, req).await.unwrap();
+    assert_eq!(key.versions[0].handle.backend, "hsm-test");
+    let p = start(env, "alias/k8s-hsm").await;
+    let mut kms = KeyManagementServiceClient::new(unix_channel(p.socket.clone()).await);
+    let st = kms.status(v2::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.healthz, "ok");
+    let e = kms.encrypt(v2::EncryptRequest { plaintext: vec![9; 32], uid: "u".into() }).await.unwrap().into_inner();
+    p.env.dispatcher.rotate_key(&p.env.caller, &KeyRef::Id(key.id.clone())).await.unwrap();
+    let st2 = kms.status(v2::StatusRequest {}).await.unwrap().into_inner();
+    assert_ne!(st2.key_id, st.key_id);
+    let d = kms
+        .decrypt(v2::DecryptRequest { ciphertext: e.ciphertext, key_id: e.key_id, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.plaintext, vec![9; 32]);
+}
+
 #[tokio::test]
 async fn status_reports_an_unusable_key() {
     let env = common::Env::software().await;
