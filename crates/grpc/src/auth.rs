@@ -181,7 +181,7 @@ pub async fn list_clients(d: &Dispatcher, tenant: Option<&TenantId>) -> Result<V
     }
 }
 
-/// Removes a mapping of the caller's tenant; `KeyNotFound`-like `InvalidRequest` when there is none.
+/// Removes a mapping of the caller's tenant; `InvalidRequest` when the tenant has none for that subject.
 pub async fn remove_client(d: &Dispatcher, caller: &Caller, subject: &str) -> Result<()> {
     let id = subject_id(subject)?;
     match d.document(CLIENT_KIND, &id).await? {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use kmsgate_core::{Caller, Dispatcher, Error, ErrorKind, Frontend};
 use tonic::{Request, Status};
+use tracing::Instrument as _;
 
 use crate::auth::{AuthChain, CallContext};
 use crate::error::{deadline_exceeded, frontend_error, status_of};
@@ -104,12 +105,16 @@ pub async fn run<T: Send + 'static>(
     deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Status> {
-    let task = tokio::spawn(async move {
-        match deadline {
-            Some(d) => kmsgate_core::deadline::with_deadline(d, work).await,
-            None => work.await,
+    // The request's span (request id, method) follows the work into its task, so its log lines carry it.
+    let task = tokio::spawn(
+        async move {
+            match deadline {
+                Some(d) => kmsgate_core::deadline::with_deadline(d, work).await,
+                None => work.await,
+            }
         }
-    });
+        .instrument(tracing::Span::current()),
+    );
     let joined = match deadline {
         None => task.await,
         // Dropping the handle does not stop the task: it ends on its own, bounded by the same deadline.

@@ -98,7 +98,7 @@ impl KmsPlugin {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .unwrap_or_else(|| Uuid::new_v4().to_string());
         Caller {
             tenant: self.tenant.clone(),

@@ -81,11 +81,18 @@ pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig) -> anyhow::Result<Router
         ApiOptions { reflection: cfg.reflection, health_watch_every: Duration::from_secs(cfg.health_watch_secs) };
     let api =
         kmsgate_grpc::api_router(dispatcher.clone(), auth_chain(&dispatcher), &options).map_err(anyhow::Error::msg)?;
-    Ok(api.layer(axum::middleware::from_fn(client_names)).layer(axum::middleware::from_fn(http::request_context)))
+    Ok(api.layer(axum::middleware::from_fn(grpc_context)).layer(axum::middleware::from_fn(http::request_context)))
 }
 
-/// Hands the verified client certificate's names (SAN dNSNames, then CNs) to the gRPC authenticators.
-async fn client_names(mut req: Request<Body>, next: Next) -> Response {
+/// Hands the verified client certificate's names (SAN dNSNames, then CNs) to the gRPC authenticators, and the
+/// request id the listener chose (echoed in the response) to the services as `x-request-id` metadata.
+async fn grpc_context(mut req: Request<Body>, next: Next) -> Response {
+    if let Some(http::RequestId(id)) = req.extensions().get::<http::RequestId>().cloned()
+        && !req.headers().contains_key(http::REQUEST_ID)
+        && let Ok(v) = axum::http::HeaderValue::from_str(&id)
+    {
+        req.headers_mut().insert(http::REQUEST_ID, v);
+    }
     let names = req
         .extensions()
         .get::<ConnInfo>()

@@ -495,6 +495,22 @@ async fn every_rpc_over_mtls() {
         .await
         .unwrap();
 
+    // Request ids: the caller's, or the listener's own (echoed in the response), name the audit record.
+    let mut req = tonic::Request::new(pb::RandomRequest { length: 1 });
+    req.metadata_mut().insert("x-request-id", "req-grpc-1".parse().unwrap());
+    kms.random(req).await.unwrap();
+    let resp = kms.random(pb::RandomRequest { length: 1 }).await.unwrap();
+    let echoed = resp.metadata().get("x-request-id").unwrap().to_str().unwrap().to_owned();
+    let ids: Vec<_> = env
+        .audit
+        .events()
+        .into_iter()
+        .filter(|e| e.operation == Operation::GenerateRandom)
+        .map(|e| e.request_id)
+        .collect();
+    assert!(ids.contains(&"req-grpc-1".to_owned()), "{ids:?}");
+    assert_eq!(ids.last(), Some(&echoed));
+
     // Every call was audited as the mapped identity through the gRPC frontend.
     let events = env.audit.events();
     let enc = events.iter().find(|e| e.operation == Operation::Encrypt).unwrap();
