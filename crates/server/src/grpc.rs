@@ -68,6 +68,16 @@ impl GrpcConfig {
     }
 }
 
+/// The rustls configuration of the gRPC listener: the server's (TLS 1.2+, client CA and subject pinning), with
+/// ALPN offering `h2` only: gRPC needs HTTP/2, so a client that cannot speak it fails in the handshake rather
+/// than with a confusing HTTP/1.1 error.
+pub fn tls_config(cfg: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let base = http::tls_config(cfg)?;
+    let mut config = (*base).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The authentication chain of the API. Today: mTLS client certificates mapped by `kmsgate grpc clients`.
 /// A bearer-token authenticator (the secrets API's tokens) is added here once that token store exists.
 pub fn auth_chain(dispatcher: &Dispatcher) -> AuthChain {
@@ -192,7 +202,7 @@ pub async fn start(app: &crate::app::App, stop: watch::Receiver<bool>) -> anyhow
     let mut started = Started::default();
     if cfg.grpc.enabled {
         let tls_cfg = cfg.grpc.tls.as_ref().context("grpc.tls is required")?;
-        let tls = http::tls_config(tls_cfg).context("grpc.tls")?;
+        let tls = tls_config(tls_cfg).context("grpc.tls")?;
         let router = router(app.dispatcher.clone(), &cfg.grpc)?;
         let listener =
             TcpListener::bind(cfg.grpc.bind).await.with_context(|| format!("cannot listen on {}", cfg.grpc.bind))?;

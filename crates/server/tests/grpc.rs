@@ -141,7 +141,7 @@ impl GrpcServer {
 async fn serve(d: &Dispatcher, mtls: bool, cfg: GrpcConfig) -> GrpcServer {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("kmsgate gRPC test CA");
-    let tls = kmsgate::http::tls_config(&pki.server_tls(dir.path(), mtls)).unwrap();
+    let tls = kmsgate::grpc::tls_config(&pki.server_tls(dir.path(), mtls)).unwrap();
     let admin = Caller::admin(TenantId::default_tenant());
     match kmsgate_grpc::auth::add_client(d, &admin, "app.internal", "app", "test client").await {
         Ok(_) => {}
@@ -721,6 +721,14 @@ async fn authentication_tls_and_mtls() {
     let r = KeyManagementServiceClient::new(ch).random(req).await;
     let st = expect_err(r, Code::Unauthenticated, "no client certificate");
     assert!(st.message().contains("client certificate"), "{}", st.message());
+
+    // gRPC needs HTTP/2: a client offering only HTTP/1.1 by ALPN is refused in the handshake.
+    let mut h1 = (*client_tls(&tls_only.pki.ca_pem, None)).clone();
+    h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(tls_only.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let r = tokio_rustls::TlsConnector::from(Arc::new(h1)).connect(name, tcp).await;
+    assert!(r.is_err(), "no common application protocol");
 }
 
 // ---- every status code --------------------------------------------------------------------------------
@@ -1316,7 +1324,7 @@ async fn cross_frontend_alibaba_and_cli() {
     assert!(listed.contains("\"identity\":\"web\""), "{listed}");
 
     let pki = Pki::new("cross CA");
-    let tls = kmsgate::http::tls_config(&pki.server_tls(dir.path(), true)).unwrap();
+    let tls = kmsgate::grpc::tls_config(&pki.server_tls(dir.path(), true)).unwrap();
     let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc_listener.local_addr().unwrap();
     let main_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
