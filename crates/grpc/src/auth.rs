@@ -3,6 +3,7 @@
 //! mapped to an identity by a `grpc.client` document in the store). Bearer tokens of the secrets API plug in
 //! as another [`Authenticator`] once that API's token store exists; nothing here pretends to check them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub struct TlsClientNames(pub Arc<Vec<String>>);
 pub struct Principal {
     pub tenant: TenantId,
     pub identity: String,
+    /// How the caller authenticated, for audit (e.g. `client_subject`); never a secret.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// What an authenticator may look at: the call's metadata (headers) and its extensions (connection facts).
@@ -120,7 +123,8 @@ impl Authenticator for MtlsAuthenticator {
                 let mapping: ClientMapping = serde_json::from_value(doc.body.clone()).map_err(|e| {
                     Error::new(ErrorKind::StorageFailure, "a client mapping in the store is unreadable").with_source(e)
                 })?;
-                return Ok(Some(Principal { tenant: doc.tenant.clone(), identity: mapping.identity }));
+                let metadata = BTreeMap::from([("client_subject".to_owned(), id)]);
+                return Ok(Some(Principal { tenant: doc.tenant.clone(), identity: mapping.identity, metadata }));
             }
         }
         tracing::info!(presented = ?names, "gRPC client certificate subject is not registered");

@@ -2,7 +2,6 @@
 //! `grpc-timeout` (the dispatcher's dependency calls are bounded by it, see `kmsgate_core::deadline`), and map
 //! the result.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -90,7 +89,7 @@ pub async fn begin<T>(auth: &AuthChain, req: &Request<T>, frontend: Frontend) ->
             identity: principal.identity,
             frontend,
             request_id: request_id(req),
-            metadata: BTreeMap::new(),
+            metadata: principal.metadata,
         },
         deadline,
     })

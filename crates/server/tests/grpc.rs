@@ -515,6 +515,7 @@ async fn every_rpc_over_mtls() {
     let events = env.audit.events();
     let enc = events.iter().find(|e| e.operation == Operation::Encrypt).unwrap();
     assert_eq!((enc.identity.as_str(), enc.frontend.as_str()), ("app", "grpc"));
+    assert_eq!(enc.metadata.get("client_subject").map(String::as_str), Some("app.internal"));
     assert!(events.iter().any(|e| e.operation == Operation::PutSecretValue || e.operation == Operation::CreateSecret));
 }
 
