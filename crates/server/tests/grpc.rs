@@ -1028,6 +1028,7 @@ async fn deadline_bounds_the_hsm_call() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let ev = ev.expect("the encrypt is audited");
+    eprintln!("50 ms deadline: the client saw {st:?} after {took:?}; the dispatcher ended after {} us", ev.latency_us);
     assert_eq!(ev.outcome, kmsgate_core::Outcome::Error { kind: "dependency_timeout" });
     assert!(ev.latency_us < 800_000, "the dispatcher stopped at the caller's deadline: {} us", ev.latency_us);
 
@@ -1037,6 +1038,7 @@ async fn deadline_bounds_the_hsm_call() {
     let reply = raw_unary(&s, "/kmsgate.v1.KeyManagementService/Encrypt", &enc(), Some("50m")).await;
     let took = started.elapsed();
     assert_eq!(reply.headers.get("grpc-status").unwrap(), "4", "{:?}", reply.headers);
+    eprintln!("raw grpc-timeout 50m: DEADLINE_EXCEEDED from the server after {took:?}");
     assert!(took >= Duration::from_millis(45) && took < Duration::from_millis(800), "took {took:?}");
     let details = reply.headers.get("grpc-status-details-bin").expect("details");
     use base64::Engine as _;
