@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditSink, Operation, Outcome};
 use crate::backend::{
-    EncryptionAlgorithm, GCM_IV_LEN, GCM_TAG_LEN, HealthStatus, KeyBackend, KeyMaterialRef, MemberHealth,
-    SigningAlgorithm,
+    AES_BLOCK_LEN, AesBlockMode, BlockPadding, EncryptionAlgorithm, GCM_IV_LEN, GCM_TAG_LEN, HealthStatus, KeyBackend,
+    KeyMaterialRef, MemberHealth, SigningAlgorithm,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
@@ -112,7 +112,7 @@ pub struct EncryptRequest {
     pub algorithm: Option<EncryptionAlgorithm>,
     pub plaintext: Zeroizing<Vec<u8>>,
     pub aad: Vec<u8>,
-    /// `None`: a fresh random 12-byte IV.
+    /// `None`: a fresh random IV (12 bytes for AES-GCM, 16 for AES-CBC; AES-ECB and RSA use none).
     pub iv: Option<Vec<u8>>,
 }
 
@@ -121,10 +121,10 @@ pub struct EncryptReply {
     pub key_id: KeyId,
     pub version: Uuid,
     pub algorithm: EncryptionAlgorithm,
-    /// Empty for RSA.
+    /// Empty for RSA and AES-ECB.
     pub iv: Vec<u8>,
     pub ciphertext: Vec<u8>,
-    /// 16 bytes for AES-GCM, empty for RSA.
+    /// 16 bytes for AES-GCM, empty otherwise.
     pub tag: Vec<u8>,
 }
 
@@ -1179,6 +1179,36 @@ impl Dispatcher {
                     tag,
                 })
             }
+            EncryptionAlgorithm::AesCbc(padding) | EncryptionAlgorithm::AesEcb(padding) => {
+                let mode =
+                    if matches!(alg, EncryptionAlgorithm::AesCbc(_)) { AesBlockMode::Cbc } else { AesBlockMode::Ecb };
+                if !req.aad.is_empty() {
+                    return Err(Error::invalid("AES-CBC and AES-ECB take no additional data"));
+                }
+                self.check_sizes(req.plaintext.len(), 0)?;
+                if padding == BlockPadding::NoPadding
+                    && (req.plaintext.is_empty() || !req.plaintext.len().is_multiple_of(AES_BLOCK_LEN))
+                {
+                    return Err(Error::invalid("without padding the plaintext must be whole 16-byte blocks"));
+                }
+                let iv = match (mode, &req.iv) {
+                    (AesBlockMode::Cbc, Some(iv)) if iv.len() == AES_BLOCK_LEN => iv.clone(),
+                    (AesBlockMode::Cbc, Some(_)) => return Err(Error::invalid("the AES-CBC IV must be 16 bytes")),
+                    (AesBlockMode::Cbc, None) => random_bytes(AES_BLOCK_LEN)?,
+                    // ECB has no IV; one sent anyway is ignored, as the vendor protocols define it.
+                    (AesBlockMode::Ecb, _) => Vec::new(),
+                };
+                let ct =
+                    self.backend_call(backend.aes_block_encrypt(material, mode, padding, &iv, &req.plaintext)).await?;
+                Ok(EncryptReply {
+                    key_id: key.id.clone(),
+                    version: version.id,
+                    algorithm: alg,
+                    iv,
+                    ciphertext: ct,
+                    tag: Vec::new(),
+                })
+            }
             EncryptionAlgorithm::RsaOaepSha256 => {
                 if !req.aad.is_empty() {
                     return Err(Error::invalid("RSA encryption takes no additional data"));
@@ -1231,6 +1261,25 @@ impl Dispatcher {
                     ct.extend_from_slice(&req.ciphertext);
                     ct.extend_from_slice(&req.tag);
                     self.backend_call(backend.aes_gcm_decrypt(material, &req.iv, &req.aad, &ct)).await?
+                }
+                EncryptionAlgorithm::AesCbc(padding) | EncryptionAlgorithm::AesEcb(padding) => {
+                    let cbc = matches!(alg, EncryptionAlgorithm::AesCbc(_));
+                    let mode = if cbc { AesBlockMode::Cbc } else { AesBlockMode::Ecb };
+                    if !req.aad.is_empty() {
+                        return Err(Error::invalid("AES-CBC and AES-ECB take no additional data"));
+                    }
+                    if cbc && req.iv.len() != AES_BLOCK_LEN {
+                        return Err(Error::invalid("the AES-CBC IV must be 16 bytes"));
+                    }
+                    let iv: &[u8] = if cbc { &req.iv } else { &[] };
+                    if !req.tag.is_empty()
+                        || req.ciphertext.is_empty()
+                        || !req.ciphertext.len().is_multiple_of(AES_BLOCK_LEN)
+                    {
+                        return Err(Error::invalid_ciphertext());
+                    }
+                    self.check_sizes(req.ciphertext.len(), 0)?;
+                    self.backend_call(backend.aes_block_decrypt(material, mode, padding, iv, &req.ciphertext)).await?
                 }
                 EncryptionAlgorithm::RsaOaepSha256 => {
                     self.backend_call(backend.rsa_oaep_decrypt(material, &req.ciphertext)).await?

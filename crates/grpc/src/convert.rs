@@ -136,6 +136,9 @@ pub fn enc_alg_to(a: EncryptionAlgorithm) -> pb::EncryptionAlgorithm {
     match a {
         EncryptionAlgorithm::AesGcm => pb::EncryptionAlgorithm::Aes256Gcm,
         EncryptionAlgorithm::RsaOaepSha256 => pb::EncryptionAlgorithm::RsaOaepSha256,
+        // The unauthenticated block modes exist for the Alibaba API; this API never asks for them, so no reply
+        // of it carries one.
+        EncryptionAlgorithm::AesCbc(_) | EncryptionAlgorithm::AesEcb(_) => pb::EncryptionAlgorithm::Unspecified,
     }
 }
 

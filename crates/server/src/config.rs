@@ -101,6 +101,11 @@ pub struct StoreConfig {
     pub password_file: Option<PathBuf>,
     /// PostgreSQL: environment variable holding the password.
     pub password_env: Option<String>,
+    /// PostgreSQL: TLS mode (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`); unset: the URL's
+    /// `sslmode`, else `prefer`.
+    pub ssl_mode: Option<String>,
+    /// PostgreSQL: PEM file of the CA(s) that signed the server's certificate (`verify-ca`/`verify-full`).
+    pub ssl_root_cert: Option<PathBuf>,
     /// Pooled connections per process.
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before the dependency-timeout error.
@@ -117,6 +122,8 @@ impl Default for StoreConfig {
             url: String::new(),
             password_file: None,
             password_env: None,
+            ssl_mode: None,
+            ssl_root_cert: None,
             max_connections: 8,
             acquire_timeout_ms: 2000,
             statement_timeout_ms: 5000,
@@ -281,6 +288,11 @@ impl Config {
         if self.store.password_file.is_some() && self.store.password_env.is_some() {
             bail!("set only one of store.password_file and store.password_env");
         }
+        if let Some(mode) = &self.store.ssl_mode
+            && !SSL_MODES.contains(&mode.as_str())
+        {
+            bail!("store.ssl_mode must be one of {}", SSL_MODES.join(", "));
+        }
         if self.backend.software.kek_file.is_some() && self.backend.software.kek_env.is_some() {
             bail!("set only one of backend.software.kek_file and backend.software.kek_env");
         }
@@ -343,6 +355,17 @@ impl Config {
             (Some(_), None) => bail!("store.url needs a user (postgres://USER@HOST/DB) to go with the password"),
             (None, _) => out.push_str(rest),
         }
+        for (name, value) in [
+            ("sslmode", self.store.ssl_mode.clone()),
+            ("sslrootcert", self.store.ssl_root_cert.as_ref().map(|p| p.display().to_string())),
+        ] {
+            let Some(value) = value else { continue };
+            if has_param(&out, name) {
+                bail!("store.url already sets {name}; drop it from the URL or from the store settings");
+            }
+            let sep = if out.contains('?') { '&' } else { '?' };
+            out.push_str(&format!("{sep}{name}={}", percent_encode(&value)));
+        }
         if self.store.statement_timeout_ms > 0 {
             let setting = format!("-c%20statement_timeout%3D{}", self.store.statement_timeout_ms);
             // libpq takes one `options` parameter: extend an existing one (e.g. a search_path) instead.
@@ -360,6 +383,14 @@ impl Config {
     pub fn kek_file(&self) -> PathBuf {
         self.backend.software.kek_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
     }
+}
+
+/// PostgreSQL's `sslmode` values that sqlx implements.
+const SSL_MODES: &[&str] = &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+
+/// Whether the URL's query has parameter `name`.
+fn has_param(url: &str, name: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.split('=').next() == Some(name)))
 }
 
 /// Userinfo encoding of RFC 3986: everything but unreserved characters.
@@ -458,5 +489,27 @@ mod tests {
         assert!(c.store_connect_url().is_err());
         c.store.url = "sqlite:///tmp/x.db".into();
         assert_eq!(c.store_connect_url().unwrap(), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn postgres_tls_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(
+            &p,
+            "[store]\nurl = \"postgres://kms@db.internal/kms\"\nssl_mode = \"verify-full\"\n\
+             ssl_root_cert = \"/etc/kmsgate/db ca.pem\"\nstatement_timeout_ms = 0\n",
+        )
+        .unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.store_connect_url().unwrap(),
+            "postgres://kms@db.internal/kms?sslmode=verify-full&sslrootcert=%2Fetc%2Fkmsgate%2Fdb%20ca.pem"
+        );
+        let mut twice = c.clone();
+        twice.store.url = "postgres://kms@db.internal/kms?sslmode=require".into();
+        assert!(format!("{:#}", twice.store_connect_url().unwrap_err()).contains("sslmode"));
+        std::fs::write(&p, "[store]\nssl_mode = \"verify_full\"\n").unwrap();
+        assert!(format!("{:#}", Config::load(Some(&p)).unwrap_err()).contains("store.ssl_mode"));
     }
 }
