@@ -172,10 +172,14 @@ pub async fn serve_unix(
 }
 
 /// Binds a unix socket at `path`, made mode 0600 (whoever can connect acts as the plugin's identity). A stale
-/// socket file is replaced; any other file at the path is an error.
+/// socket file (left by a crash: nothing accepts on it) is replaced; a live one, or any other file at the path,
+/// is an error.
 pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("another process is serving on {}", path.display());
+            }
             std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?
         }
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
@@ -247,6 +251,24 @@ mod tests {
         let p = dir.path().join("k.toml");
         std::fs::write(&p, toml).unwrap();
         Config::load(Some(&p)).map(|(c, _)| c)
+    }
+
+    #[tokio::test]
+    async fn unix_sockets_replace_stale_ones_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        let live = super::bind_unix(&path).unwrap();
+        let err = format!("{:#}", super::bind_unix(&path).unwrap_err());
+        assert!(err.contains("another process is serving"), "{err}");
+        drop(live);
+        // The file stays behind, as after a crash: it is stale now and replaced.
+        assert!(path.exists());
+        let _again = super::bind_unix(&path).unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let err = format!("{:#}", super::bind_unix(&file).unwrap_err());
+        assert!(err.contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x", "nothing else is ever removed");
     }
 
     #[test]
