@@ -457,7 +457,7 @@ impl Dispatcher {
 
     /// A store call under the store deadline.
     async fn store_call<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.inner.config.store_deadline, fut).await {
+        match tokio::time::timeout(crate::deadline::bound(self.inner.config.store_deadline), fut).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the store did not answer in time")),
         }
@@ -466,7 +466,7 @@ impl Dispatcher {
     /// Key generation under its own, longer deadline.
     async fn keygen_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         let started = Instant::now();
-        let r = tokio::time::timeout(self.inner.config.keygen_deadline, fut).await;
+        let r = tokio::time::timeout(crate::deadline::bound(self.inner.config.keygen_deadline), fut).await;
         self.record_backend_call(backend, BackendCall::Keygen, started, &r);
         match r {
             Ok(r) => r,
@@ -477,7 +477,7 @@ impl Dispatcher {
     /// A backend call under the backend deadline.
     async fn backend_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         let started = Instant::now();
-        let r = tokio::time::timeout(self.inner.config.backend_deadline, fut).await;
+        let r = tokio::time::timeout(crate::deadline::bound(self.inner.config.backend_deadline), fut).await;
         self.record_backend_call(backend, BackendCall::Crypto, started, &r);
         match r {
             Ok(r) => r,

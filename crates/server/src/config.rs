@@ -42,6 +42,12 @@ pub struct Config {
     /// The Alibaba Cloud KMS instance API (docs/alibaba.md).
     #[serde(default)]
     pub alibaba: kmsgate_alibaba::AlibabaConfig,
+    /// The internal gRPC API (docs/grpc.md).
+    #[serde(default)]
+    pub grpc: crate::grpc::GrpcConfig,
+    /// The Kubernetes KMS v2 plugin (docs/kubernetes-kms.md).
+    #[serde(default)]
+    pub kms_plugin: kmsgate_grpc::KmsPluginConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,6 +216,8 @@ impl Default for Config {
             audit: AuditConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
+            grpc: crate::grpc::GrpcConfig::default(),
+            kms_plugin: kmsgate_grpc::KmsPluginConfig::default(),
         }
     }
 }
@@ -320,6 +328,8 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
+        self.grpc.validate()?;
+        self.kms_plugin.validate().map_err(anyhow::Error::msg)?;
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {

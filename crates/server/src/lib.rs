@@ -10,6 +10,8 @@ pub mod audit_cli;
 pub mod audit_log;
 pub mod cli;
 pub mod config;
+pub mod grpc;
+pub mod grpc_cli;
 pub mod hsm_cli;
 pub mod http;
 pub mod metrics;

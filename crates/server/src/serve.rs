@@ -104,6 +104,15 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
 
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_background(&app, stop_rx.clone());
+    let grpc = crate::grpc::start(&app, stop_rx.clone()).await?;
+    if let Some(a) = grpc.api {
+        println!("  gRPC:      https://{a} (kmsgate.v1, grpc.health.v1; docs/grpc.md)");
+        tracing::info!(bind = %a, "gRPC API listening");
+    }
+    if let Some(p) = &grpc.plugin {
+        println!("  KMS v2:    unix://{} (Kubernetes KMS plugin; docs/kubernetes-kms.md)", p.display());
+        tracing::info!(socket = %p.display(), "Kubernetes KMS v2 plugin listening");
+    }
 
     // The admin listener outlives the data listener's drain: readiness reports "draining" meanwhile, and
     // liveness keeps answering so the orchestrator does not kill a process that is finishing its requests.
@@ -133,6 +142,9 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
             Err(e) => tracing::warn!(error = %e, "the admin listener task failed"),
             Ok(Ok(())) => {}
         }
+    }
+    for task in grpc.tasks {
+        let _ = task.await;
     }
     served?;
     tracing::info!("kmsgate stopped");
