@@ -36,6 +36,9 @@ pub struct Config {
     /// The Alibaba Cloud KMS instance API (docs/alibaba.md).
     #[serde(default)]
     pub alibaba: kmsgate_alibaba::AlibabaConfig,
+    /// The generic secrets REST API (docs/secrets-api.md).
+    #[serde(default)]
+    pub secrets: kmsgate_secrets::SecretsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -161,6 +164,10 @@ pub struct LimitsConfig {
     pub max_aad_bytes: usize,
     /// Keys one tenant may hold; 0 means unlimited.
     pub max_keys_per_tenant: u64,
+    /// Active secrets one tenant may hold; 0 means unlimited.
+    pub max_secrets_per_tenant: u64,
+    /// Largest secret value (one version's data), in bytes.
+    pub max_secret_bytes: usize,
 }
 
 impl Default for Config {
@@ -176,6 +183,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
+            secrets: kmsgate_secrets::SecretsConfig::default(),
         }
     }
 }
@@ -224,7 +232,13 @@ impl Default for CacheConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_plaintext_bytes: 64 * 1024, max_aad_bytes: 64 * 1024, max_keys_per_tenant: 0 }
+        LimitsConfig {
+            max_plaintext_bytes: 64 * 1024,
+            max_aad_bytes: 64 * 1024,
+            max_keys_per_tenant: 0,
+            max_secrets_per_tenant: 0,
+            max_secret_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -260,6 +274,10 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
+        self.secrets.validate().map_err(anyhow::Error::msg)?;
+        if self.limits.max_secret_bytes == 0 {
+            bail!("limits.max_secret_bytes must be positive");
+        }
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {

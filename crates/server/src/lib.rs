@@ -10,6 +10,7 @@ pub mod config;
 pub mod hsm_cli;
 pub mod http;
 pub mod mtls;
+pub mod secrets_cli;
 pub mod serve;
 pub mod store_cli;
 pub mod xks_cli;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kmsgate::{alibaba_cli, cli, config, hsm_cli, serve, store_cli, xks_cli};
+use kmsgate::{alibaba_cli, cli, config, hsm_cli, secrets_cli, serve, store_cli, xks_cli};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
@@ -44,6 +44,9 @@ enum Command {
     /// Manage the Alibaba KMS instance API (ClientKeys).
     #[command(subcommand)]
     Alibaba(alibaba_cli::AlibabaCommand),
+    /// The secrets REST API: bootstrap the first tenant and admin token.
+    #[command(subcommand)]
+    Secrets(secrets_cli::SecretsCommand),
     /// Inspect the PKCS#11 HSM fleet.
     #[command(subcommand)]
     Hsm(hsm_cli::HsmCommand),
@@ -85,6 +88,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Aliases(cmd) => cli::aliases(config, cmd, args.json).await,
         Command::Xks(cmd) => xks_cli::run(config, cmd, args.json).await,
         Command::Alibaba(cmd) => alibaba_cli::run(config, cmd, args.json).await,
+        Command::Secrets(cmd) => secrets_cli::run(config, cmd, args.json).await,
         Command::Hsm(cmd) => hsm_cli::run(config, cmd, args.json).await,
         Command::Store(cmd) => store_cli::run(config, cmd, args.json).await,
     }
