@@ -396,7 +396,9 @@ impl SecretsState {
             }
         };
         let tenant_doc = self.tenant_doc(&tenant).await?.ok_or_else(tenant_not_found)?;
-        let subject = format!("{}/{}/{}", claims.tenant, claims.typ, claims.sub);
+        // Per (identity, category) in the tenant acted in: a partner admin's traffic in one tenant does not
+        // spend another tenant's budget.
+        let subject = format!("{}|{}/{}/{}", tenant, claims.tenant, claims.typ, claims.sub);
         let per_minute = self.config.rate_limit(category, Some(&tenant_doc));
         let info = self.limiter.take(&subject, category, per_minute);
         ctx.rate = Some(info);

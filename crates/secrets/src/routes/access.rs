@@ -400,8 +400,8 @@ pub async fn create_tenant(st: &SecretsState, ctx: &mut Ctx) -> ApiResult {
 
 fn check_retention(r: &str) -> ApiResult<()> {
     let d = parse_duration("retention", r)?;
-    if d.as_secs() < 60 || d > kmsgate_core::secret::MAX_RETENTION {
-        return Err(ApiError::validation("retention", "out_of_range", "must be 1m to 365d"));
+    if d.is_zero() || d > kmsgate_core::secret::MAX_RETENTION {
+        return Err(ApiError::validation("retention", "out_of_range", "must be 1s to 365d"));
     }
     Ok(())
 }

@@ -269,13 +269,41 @@ pub async fn patch_metadata(st: &SecretsState, ctx: &mut Ctx, raw: &str) -> ApiR
     } else if let Some(t) = expiry(&body, "")? {
         patch.expires_at = Some(Some(t));
     }
-    if let Some(m) = body.get("metadata").filter(|m| !m.is_null()) {
-        check_metadata(m)?;
-        patch.metadata = Some(m.clone());
-    }
+    let metadata_patch = match body.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => {
+            let set: serde_json::Map<String, Value> =
+                m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+            check_metadata(&Value::Object(set))?;
+            Some(m.clone())
+        }
+        Some(_) => return Err(ApiError::invalid_request("metadata must be an object")),
+    };
     patch.max_versions = opt_u64(&body, "max_versions")?.map(check_max_versions).transpose()?;
     patch.expected_revision = if_match_number(ctx)?;
     st.authorize(ctx, &auth, "write", path.as_str()).await?;
+    if let Some(changes) = metadata_patch {
+        // JSON merge patch on the metadata object: given fields replace, `null` removes, others stay. The
+        // write is conditional on the record merged into.
+        let current = st.dispatcher.describe_secret(&auth.caller, &path, false).await?;
+        if let Some(e) = patch.expected_revision.filter(|e| *e != current.revision) {
+            return Err(ApiError::new(ErrorCode::VersionConflict, "the secret changed since it was read")
+                .detail("expected", e)
+                .detail("current", current.revision));
+        }
+        let mut merged = current.metadata.as_object().cloned().unwrap_or_default();
+        for (k, v) in changes {
+            if v.is_null() {
+                merged.remove(&k);
+            } else {
+                merged.insert(k, v);
+            }
+        }
+        let merged = Value::Object(merged);
+        check_metadata(&merged)?;
+        patch.metadata = Some(merged);
+        patch.expected_revision = Some(current.revision);
+    }
     let s = st.dispatcher.update_secret_metadata(&auth.caller, &path, patch).await?;
     Ok(with_etag(ok(metadata_json(&s)), &etag(s.revision)))
 }
