@@ -12,6 +12,9 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, ApiError> {
             .detail("field", field)
             .detail("value", truncate(s, 64))
     };
+    if !s.is_ascii() {
+        return Err(bad());
+    }
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
     if num.is_empty() || num.len() > 12 || !num.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -49,6 +52,10 @@ impl Glob {
         };
         if pattern.is_empty() || pattern.len() > 512 {
             return Err(err(0, "a glob must be 1 to 512 characters"));
+        }
+        // Backtracking matches cost grows with the number of wildcards: bound it.
+        if pattern.bytes().filter(|b| *b == b'*').count() > 16 {
+            return Err(err(0, "at most 16 * characters"));
         }
         let mut pos = 0;
         for segment in pattern.split('/') {
@@ -134,7 +141,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("ttl", "90s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("ttl", "2w").unwrap(), Duration::from_secs(1_209_600));
-        for bad in ["", "h", "1", "1y", "-1h", "1.5h", " 1h", "1H"] {
+        for bad in ["", "h", "1", "1y", "-1h", "1.5h", " 1h", "1H", "\u{80}", "1\u{e9}"] {
             assert_eq!(parse_duration("ttl", bad).unwrap_err().code, ErrorCode::InvalidDuration, "{bad}");
         }
     }

@@ -72,10 +72,10 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
         TcpListener::bind(cfg.server.bind).await.with_context(|| format!("cannot listen on {}", cfg.server.bind))?;
     let local = listener.local_addr()?;
 
-    print_banner(&app, &source, &boot, local, tls.is_some());
     if source == Source::EmbeddedDefault && cfg.secrets.enabled {
         crate::secrets_cli::first_start(&app).await?;
     }
+    print_banner(&app, &source, &boot, local, tls.is_some());
     tracing::info!(bind = %local, tls = tls.is_some(), "kmsgate listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -803,3 +803,39 @@ async fn rest_secret_is_read_through_alibaba_get_secret_value() {
     assert_eq!(data, json!({"key": "sk_live_456"}));
     assert_eq!(v.version_id, "2");
 }
+
+/// Two replicas on one store: a token revoked through one is refused by the other once it has read the
+/// change feed (the server polls it every `server.change_poll_ms`), though the other had it cached.
+#[tokio::test]
+async fn revocation_reaches_another_replica_through_the_change_feed() {
+    let s = start().await;
+    let config = Config { data_dir: s.dir.path().join("data"), ..Config::default() };
+    let (replica, _) = App::open(config).await.unwrap();
+    let (addr2, _stop) = serve_router(kmsgate::serve::router(&replica)).await;
+    let t = s.token_for("service_account", "ci", &["secrets:read"], json!({})).await;
+    let who = call(addr2, "GET", "/v1/auth/whoami", Some(&t), &[], None).await;
+    assert_eq!(who.status, 200, "the replica verifies the token and caches its record");
+    let id = who.json()["token_id"].as_str().unwrap().to_owned();
+    assert_eq!(s.req("DELETE", &format!("/v1/auth/tokens/{id}"), &s.admin, None).await.status, 204);
+    assert!(replica.dispatcher.apply_changes().await.unwrap() > 0);
+    expect(&call(addr2, "GET", "/v1/auth/whoami", Some(&t), &[], None).await, 401, "token_revoked");
+}
+
+/// The sweeper (the server's periodic `purge_deleted_secrets`) frees a path once the tenant's retention has
+/// passed; before that a write there is `secret_exists`.
+#[tokio::test]
+async fn soft_deleted_secrets_are_purged_after_the_tenant_retention() {
+    let s = start().await;
+    let a = s.admin.clone();
+    let r = call(s.addr, "PATCH", "/v1/tenants/default", Some(&a), &[], Some(br#"{"retention":"1s"}"#.to_vec())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    s.ok("PUT", "/v1/secrets/old/one", &a, Some(json!({"data": {"v": 1}}))).await;
+    s.ok("DELETE", "/v1/secrets/old/one", &a, None).await;
+    expect(&s.req("PUT", "/v1/secrets/old/one", &a, Some(json!({"data": {"v": 2}}))).await, 409, "secret_exists");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let purged = s.app.dispatcher.purge_deleted_secrets(&s.app.admin()).await.unwrap();
+    assert_eq!(purged.len(), 1);
+    expect(&s.req("POST", "/v1/secrets/old/one:restore", &a, None).await, 404, "secret_not_found");
+    let r = s.req("PUT", "/v1/secrets/old/one", &a, Some(json!({"data": {"v": 3}}))).await;
+    assert_eq!((r.status, r.json()["version"].as_u64()), (201, Some(1)), "a new secret at the freed path");
+}
