@@ -120,10 +120,6 @@ pub async fn dispatch(st: &SecretsState, ctx: &mut Ctx) -> ApiResult {
                 (Some(_), _) => Err(route_not_found()),
             }
         }
-        ["openapi.json"] => {
-            only(&m, &[Method::GET])?;
-            Ok(crate::service::json(StatusCode::OK, crate::openapi::document()))
-        }
         [first, ..] if is_unshipped(first.split(':').next().unwrap_or(first)) => {
             st.authenticate(ctx, Category::Read).await?;
             Err(feature_disabled(first.split(':').next().unwrap_or(first)))

@@ -114,29 +114,9 @@ impl Ctx {
         self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
-    /// The body as JSON of type `T`: malformed JSON or a wrong shape is `invalid_request`.
-    pub fn json<T: DeserializeOwned>(&self) -> ApiResult<T> {
-        if self.body.is_empty() {
-            return Err(ApiError::invalid_request("a JSON body is required"));
-        }
-        let v: Value = serde_json::from_slice(&self.body).map_err(|e| {
-            ApiError::invalid_request(format!("malformed JSON at line {} column {}", e.line(), e.column()))
-        })?;
-        if !v.is_object() {
-            return Err(ApiError::invalid_request("the body must be a JSON object"));
-        }
-        serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid_request(format!("invalid body: {}", shorten(&e.to_string()))))
-    }
-
     pub fn if_match(&self) -> Option<String> {
         self.headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned())
     }
-}
-
-fn shorten(s: &str) -> String {
-    // serde's messages can quote input; keep them short and printable.
-    s.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// The authenticated caller of one request.
@@ -186,11 +166,6 @@ impl Auth {
             return Err(ApiError::new(ErrorCode::Forbidden, "this route needs the partner admin role"));
         }
         self.require_scope("admin")
-    }
-
-    /// `user:alice`, `service_account:ci`.
-    pub fn who(&self) -> String {
-        format!("{}:{}", self.claims.typ, self.claims.sub)
     }
 }
 
@@ -251,10 +226,9 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
         Err(e) => render_error(&e, &ctx.request_id),
     };
     if ctx.rate.is_none() {
-        // Nothing authenticated this request: it counts against its client address.
-        let who = ctx.peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-        let per_minute = st.config.rate_limit(Category::Unauthenticated, None);
-        ctx.rate = Some(st.limiter.take(&format!("ip:{who}"), Category::Unauthenticated, per_minute));
+        // Nothing authenticated this request (a 401, an unknown route): it counts against its client address
+        // and still reports that budget. Its answer stays the one the check order gives.
+        let _ = st.limit_by_ip(&mut ctx);
     }
     finish(&mut resp, &ctx);
     resp
@@ -290,9 +264,14 @@ async fn run(st: &SecretsState, ctx: &mut Ctx, uri_path: &str, body: Body) -> Ap
     };
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     // Health is exempt from the maintenance switch and needs no token.
-    if rest == "health" || rest == "health/ready" {
+    if rest == "health" || rest == "health/ready" || rest == "openapi.json" {
         if ctx.method != Method::GET {
             return Err(method_not_allowed());
+        }
+        // Routes without a token are limited per client address.
+        st.limit_by_ip(ctx)?;
+        if rest == "openapi.json" {
+            return Ok(json(StatusCode::OK, crate::openapi::document()));
         }
         return crate::health::handle(st, ctx, rest == "health/ready").await;
     }
@@ -368,6 +347,22 @@ fn hex(c: u8) -> Option<u8> {
 // ---- authentication, tenant resolution, rate limits (check order steps 2-5) ----------------------------
 
 impl SecretsState {
+    /// The per-client-address bucket of requests without a token; `rate_limited` when it is empty.
+    pub fn limit_by_ip(&self, ctx: &mut Ctx) -> ApiResult<()> {
+        let who = ctx.peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        let per_minute = self.config.rate_limit(Category::Unauthenticated, None);
+        let info = self.limiter.take(&format!("ip:{who}"), Category::Unauthenticated, per_minute);
+        ctx.rate = Some(info);
+        match info.retry_after {
+            None => Ok(()),
+            Some(after) => Err(ApiError::new(ErrorCode::RateLimited, "too many requests; retry later")
+                .detail("category", Category::Unauthenticated.as_str())
+                .detail("limit", info.limit)
+                .detail("window_seconds", 60)
+                .retry_after(after)),
+        }
+    }
+
     /// Steps 2-5 of the check order: `authentication_required`, `token_invalid` → `token_expired` →
     /// `token_revoked`, the tenant checks, then `rate_limited` in `category`.
     pub async fn authenticate(&self, ctx: &mut Ctx, category: Category) -> ApiResult<Auth> {

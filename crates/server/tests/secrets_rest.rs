@@ -158,9 +158,18 @@ async fn conventions_envelope_request_ids_and_rate_limit_headers() {
     assert_eq!(me["tenant_id"], "default");
     assert!(me["roles"].as_array().unwrap().iter().any(|r| r == "partner_admin"));
 
-    // The OpenAPI document is served.
+    // The OpenAPI document is served, and every operation it lists is routed (no token: 401, not 404/405).
     let r = call(s.addr, "GET", "/v1/openapi.json", None, &[], None).await;
     assert_eq!(r.json()["openapi"], "3.1.0");
+    for op in kmsgate_secrets::openapi::OPS {
+        let path = op.path.replace("{path}", "app/db").replace("{identity_type}", "user").replace(['{', '}'], "");
+        let r = call(s.addr, &op.method.to_uppercase(), &path, None, &[], None).await;
+        if op.auth {
+            expect(&r, 401, "authentication_required");
+        } else {
+            assert_eq!(r.status, 200, "{} {path}", op.method);
+        }
+    }
 }
 
 #[tokio::test]
