@@ -110,7 +110,38 @@ pub fn router(dispatcher: Dispatcher, config: SecretsConfig, home: TenantId) -> 
     if !config.enabled {
         return Router::new();
     }
-    routes(Arc::new(SecretsState::new(dispatcher, config, home)))
+    let state = Arc::new(SecretsState::new(dispatcher, config, home));
+    follow_changes(&state);
+    routes(state)
+}
+
+/// Drops cached bindings when the change feed reports a binding written by any process. The task holds the
+/// state weakly and ends with it. Without a Tokio runtime nothing is spawned (the cache TTL still applies).
+fn follow_changes(state: &Arc<SecretsState>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+    let mut rx = state.dispatcher.subscribe_changes();
+    let weak = Arc::downgrade(state);
+    let prefix = format!("{}/", model::KIND_BINDING);
+    handle.spawn(async move {
+        loop {
+            let change = match rx.recv().await {
+                Ok(c) => c,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed entries: forget everything rather than guess.
+                    match weak.upgrade() {
+                        Some(st) => st.invalidate_all_bindings(),
+                        None => return,
+                    }
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let Some(st) = weak.upgrade() else { return };
+            if change.id.starts_with(&prefix) {
+                st.invalidate_bindings(&change.tenant).await;
+            }
+        }
+    });
 }
 
 pub fn routes(state: Arc<SecretsState>) -> Router {

@@ -230,8 +230,7 @@ impl SecretsState {
     ) -> ApiResult<Vec<PolicyDoc>> {
         let now = kmsgate_core::Timestamp::now().0 / 1000;
         let mut out: Vec<PolicyDoc> = Vec::new();
-        for doc in self.all_documents(crate::model::KIND_BINDING, tenant).await? {
-            let b: crate::model::BindingDoc = crate::service::parse_body(&doc)?;
+        for b in self.tenant_bindings(tenant).await?.iter() {
             let mine = (b.identity_type == typ && b.identity_id == id)
                 || (b.identity_type == "group" && groups.contains(&b.identity_id));
             let live = b.expires_at.as_deref().and_then(crate::service::unix_of).is_none_or(|t| t > now);

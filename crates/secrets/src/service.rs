@@ -37,11 +37,48 @@ pub struct SecretsState {
     pub limiter: Limiter,
     /// The tenant that owns installation-wide records (the signing key).
     pub home: TenantId,
+    /// Each tenant's bindings, for policy evaluation on the request path. Local binding writes invalidate
+    /// their tenant at once; other processes' writes arrive through the change feed (see [`crate::router`]);
+    /// the TTL is a backstop should the feed ever be missed.
+    bindings: moka::future::Cache<TenantId, Arc<Vec<crate::model::BindingDoc>>>,
 }
 
 impl SecretsState {
     pub fn new(dispatcher: Dispatcher, config: SecretsConfig, home: TenantId) -> Self {
-        SecretsState { dispatcher, config, keys: OnceCell::new(), limiter: Limiter::default(), home }
+        SecretsState {
+            dispatcher,
+            config,
+            keys: OnceCell::new(),
+            limiter: Limiter::default(),
+            home,
+            bindings: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(std::time::Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// The tenant's bindings, through the cache.
+    pub async fn tenant_bindings(&self, tenant: &TenantId) -> ApiResult<Arc<Vec<crate::model::BindingDoc>>> {
+        if let Some(b) = self.bindings.get(tenant).await {
+            return Ok(b);
+        }
+        let mut out = Vec::new();
+        for doc in self.all_documents(crate::model::KIND_BINDING, tenant).await? {
+            out.push(parse_body(&doc)?);
+        }
+        let out = Arc::new(out);
+        self.bindings.insert(tenant.clone(), out.clone()).await;
+        Ok(out)
+    }
+
+    pub fn invalidate_all_bindings(&self) {
+        self.bindings.invalidate_all();
+    }
+
+    /// Drops a tenant's cached bindings (after a local write, or a change-feed entry).
+    pub async fn invalidate_bindings(&self, tenant: &TenantId) {
+        self.bindings.invalidate(tenant).await;
     }
 
     /// The installation's signing keys: loaded (unsealed by the key backend) once per process, created by the

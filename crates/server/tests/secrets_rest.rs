@@ -828,6 +828,34 @@ async fn revocation_reaches_another_replica_through_the_change_feed() {
     assert_eq!(s.req("DELETE", &format!("/v1/auth/tokens/{id}"), &s.admin, None).await.status, 204);
     assert!(replica.dispatcher.apply_changes().await.unwrap() > 0);
     expect(&call(addr2, "GET", "/v1/auth/whoami", Some(&t), &[], None).await, 401, "token_revoked");
+
+    // A binding removed through one replica stops granting on the other (its bindings cache follows the feed).
+    let a = s.admin.clone();
+    s.ok("PUT", "/v1/secrets/app/db", &a, Some(json!({"data": {"p": 1}}))).await;
+    let reader = s.token_for("user", "carol", &["secrets:read"], json!({})).await;
+    let rules = json!([{"path_pattern": "app/**", "permissions": ["read"]}]);
+    let pid = s.ok("POST", "/v1/policies", &a, Some(json!({"name": "r", "rules": rules}))).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bind = json!({"identity_type": "user", "identity_id": "carol"});
+    let bid =
+        s.ok("POST", &format!("/v1/policies/{pid}/bindings"), &a, Some(bind)).await["id"].as_str().unwrap().to_owned();
+    replica.dispatcher.apply_changes().await.unwrap();
+    let r = call(addr2, "GET", "/v1/secrets/app/db", Some(&reader), &[], None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(s.req("DELETE", &format!("/v1/policies/{pid}/bindings/{bid}"), &a, None).await.status, 204);
+    replica.dispatcher.apply_changes().await.unwrap();
+    // The feed's subscribers run on their own task: give it a moment.
+    let mut code = 0;
+    for _ in 0..50 {
+        code = call(addr2, "GET", "/v1/secrets/app/db", Some(&reader), &[], None).await.status;
+        if code == 403 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(code, 403, "the replica dropped the binding");
 }
 
 /// The sweeper (the server's periodic `purge_deleted_secrets`) frees a path once the tenant's retention has

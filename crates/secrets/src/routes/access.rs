@@ -499,6 +499,7 @@ async fn policy_record(st: &SecretsState, auth: &Auth, id: &str) -> ApiResult<(D
 }
 
 async fn bindings_of(st: &SecretsState, tenant: &TenantId, policy: &str) -> ApiResult<Vec<BindingDoc>> {
+    // Fresh from the store: admin reads and `policy_in_use` must not trust a cache.
     let mut out = Vec::new();
     for d in st.all_documents(KIND_BINDING, tenant).await? {
         let b: BindingDoc = parse_body(&d)?;
@@ -731,6 +732,7 @@ pub async fn create_binding(st: &SecretsState, ctx: &mut Ctx, policy: &str) -> A
         Precondition::Absent,
     )
     .await?;
+    st.invalidate_bindings(&auth.tenant).await;
     Ok(created(binding_json(&b)))
 }
 
@@ -746,6 +748,7 @@ async fn delete_binding_records(st: &SecretsState, auth: &Auth, b: &BindingDoc) 
     st.dispatcher.delete_document(&auth.caller, KIND_BINDING, &b.id).await?;
     let key = format!("{}/{}/{}", b.policy_id, b.identity_type, b.identity_id);
     st.dispatcher.delete_document(&auth.caller, KIND_BINDING_KEY, &key).await?;
+    st.invalidate_bindings(&auth.tenant).await;
     Ok(())
 }
 
