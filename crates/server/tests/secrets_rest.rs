@@ -665,6 +665,24 @@ async fn tenants_quotas_and_rate_limits() {
     // Other categories and the home tenant are separate buckets.
     s.ok("GET", "/v1/auth/whoami", &a, None).await;
 
+    // Token and policy quotas of a tenant.
+    let tiny = json!({"tenant_id": "tiny", "quotas": {"tokens": 1, "policies": 1}});
+    s.ok("POST", "/v1/tenants", &a, Some(tiny)).await;
+    s.ok("POST", "/v1/t/tiny/identities", &a, Some(json!({"identity_type": "service_account", "identity_id": "ci"})))
+        .await;
+    let mint = json!({"name": "ci", "identity_id": "ci", "scopes": ["secrets:read"]});
+    s.ok("POST", "/v1/t/tiny/auth/tokens", &a, Some(mint.clone())).await;
+    let d = expect(&s.req("POST", "/v1/t/tiny/auth/tokens", &a, Some(mint)).await, 429, "quota_exceeded");
+    assert_eq!(d["quota"], "tokens");
+    let rules = json!([{"path_pattern": "**", "permissions": ["read"]}]);
+    s.ok("POST", "/v1/t/tiny/policies", &a, Some(json!({"name": "one", "rules": rules.clone()}))).await;
+    let d = expect(
+        &s.req("POST", "/v1/t/tiny/policies", &a, Some(json!({"name": "two", "rules": rules}))).await,
+        429,
+        "quota_exceeded",
+    );
+    assert_eq!(d["quota"], "policies");
+
     // PATCH with ETag, list, delete.
     let r = s.req("GET", "/v1/tenants/small", &a, None).await;
     let etag = r.headers["etag"].to_str().unwrap().to_owned();
@@ -690,7 +708,7 @@ async fn tenants_quotas_and_rate_limits() {
     assert_eq!(r.status, 200);
     s.ok("POST", "/v1/t/small/secrets/one:restore", &a, None).await;
     let l = s.ok("GET", "/v1/tenants", &a, None).await;
-    assert_eq!(l["tenants"].as_array().unwrap().len(), 2);
+    assert_eq!(l["tenants"].as_array().unwrap().len(), 3);
     assert_eq!(s.req("DELETE", "/v1/tenants/small", &a, None).await.status, 204);
     expect(&s.req("GET", "/v1/t/small/secrets/one", &a, None).await, 404, "tenant_not_found");
 }
@@ -875,4 +893,21 @@ async fn soft_deleted_secrets_are_purged_after_the_tenant_retention() {
     expect(&s.req("POST", "/v1/secrets/old/one:restore", &a, None).await, 404, "secret_not_found");
     let r = s.req("PUT", "/v1/secrets/old/one", &a, Some(json!({"data": {"v": 3}}))).await;
     assert_eq!((r.status, r.json()["version"].as_u64()), (201, Some(1)), "a new secret at the freed path");
+}
+
+/// With a PKCS#11 HSM as the default backend, the key that wraps every secret's data keys lives in the HSM
+/// (SoftHSM here): the REST API round-trips a secret through it.
+#[tokio::test]
+async fn secrets_are_protected_by_the_hsm() {
+    let s = start_with(|c| {
+        c.backend.pkcs11 = vec![common::pkcs11_config("hsm")];
+        c.backend.default = "hsm".to_owned();
+    })
+    .await;
+    let a = s.admin.clone();
+    s.ok("PUT", "/v1/secrets/hsm/db", &a, Some(json!({"data": {"password": "in-the-hsm"}}))).await;
+    assert_eq!(s.ok("GET", "/v1/secrets/hsm/db", &a, None).await["data"]["password"], "in-the-hsm");
+    let alias = kmsgate_core::AliasName::parse("alias/kmsgate-internal/secrets").unwrap();
+    let key = s.app.dispatcher.describe_key(&s.app.admin(), &KeyRef::Alias(alias)).await.unwrap();
+    assert!(key.versions.iter().all(|v| v.handle.backend == "hsm"), "{:?}", key.versions);
 }
