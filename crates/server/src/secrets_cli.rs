@@ -60,11 +60,14 @@ pub async fn first_start(app: &App) -> anyhow::Result<()> {
     match kmsgate_secrets::bootstrap(&st, &app.tenant, ttl(app)).await {
         Ok(Some((token, record))) => {
             eprintln!(
-                "  secrets:   bootstrapped tenant {} with an admin token (shown once, store it now):",
+                "secrets API: bootstrapped tenant {} with an admin token (shown once, store it now):",
                 app.tenant
             );
-            eprintln!("             {token}");
-            eprintln!("             token id {}, expires {}", record.token_id, record.expires_at);
+            eprintln!("  {token}");
+            eprintln!(
+                "  token id {}, expires {}; more tokens: POST /v1/auth/tokens",
+                record.token_id, record.expires_at
+            );
             Ok(())
         }
         Ok(None) => Ok(()),
