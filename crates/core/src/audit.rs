@@ -49,6 +49,9 @@ pub enum Operation {
     RollbackSecret,
     UpdateSecretVersionStage,
     PurgeSecret,
+    /// A request a frontend refused before any operation ran: authentication, tenant or authorization failed
+    /// (the secrets REST API's 401s and 403s). The outcome names the wire code.
+    AccessCheck,
 }
 
 impl Operation {
@@ -91,6 +94,7 @@ impl Operation {
             Operation::RollbackSecret => "RollbackSecret",
             Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
             Operation::PurgeSecret => "PurgeSecret",
+            Operation::AccessCheck => "AccessCheck",
         }
     }
 

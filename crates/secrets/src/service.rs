@@ -144,6 +144,8 @@ pub struct Ctx {
     pub body: Bytes,
     pub peer: Option<IpAddr>,
     pub rate: Option<RateInfo>,
+    /// Who the token says the caller is and the tenant acted in, once known (for the audit of refusals).
+    pub principal: Option<(String, String)>,
 }
 
 impl Ctx {
@@ -256,11 +258,15 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
         body: Bytes::new(),
         peer,
         rate: None,
+        principal: None,
     };
     let result = run(&st, &mut ctx, parts.uri.path(), body).await;
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => render_error(&e, &ctx.request_id),
+        Err(e) => {
+            audit_refusal(&st, &ctx, uri_path_for_audit(&ctx), &e);
+            render_error(&e, &ctx.request_id)
+        }
     };
     if ctx.rate.is_none() {
         // Nothing authenticated this request (a 401, an unknown route): it counts against its client address
@@ -269,6 +275,37 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
     }
     finish(&mut resp, &ctx);
     resp
+}
+
+fn uri_path_for_audit(ctx: &Ctx) -> Option<String> {
+    (!ctx.path.is_empty()).then(|| ctx.path.clone())
+}
+
+/// Refusals of authentication, tenant or authorization never reach the dispatcher, which audits operations:
+/// record them here so denied attempts show in the audit trail.
+fn audit_refusal(st: &SecretsState, ctx: &Ctx, resource: Option<String>, e: &ApiError) {
+    let status = e.code.http_status().as_u16();
+    if status != 401 && status != 403 {
+        return;
+    }
+    let (tenant, identity) = ctx.principal.clone().unwrap_or_else(|| (String::new(), "anonymous".to_owned()));
+    let mut metadata = std::collections::BTreeMap::new();
+    if let Some(ip) = ctx.peer {
+        metadata.insert("source_ip".to_owned(), ip.to_string());
+    }
+    metadata.insert("method".to_owned(), ctx.method.to_string());
+    st.dispatcher.audit_sink().record(&kmsgate_core::AuditEvent {
+        at: Timestamp::now(),
+        request_id: ctx.request_id.clone(),
+        tenant,
+        identity,
+        frontend: Frontend::Secrets,
+        operation: kmsgate_core::Operation::AccessCheck,
+        resource,
+        outcome: kmsgate_core::Outcome::Error { kind: e.code.as_str() },
+        latency_us: 0,
+        metadata,
+    });
 }
 
 fn render_error(e: &ApiError, request_id: &str) -> Response {
@@ -405,6 +442,7 @@ impl SecretsState {
     pub async fn authenticate(&self, ctx: &mut Ctx, category: Category) -> ApiResult<Auth> {
         let claims = self.verify_bearer(ctx.headers.get(header::AUTHORIZATION)).await?;
         let home = TenantId::parse(&claims.tenant).map_err(|_| token_invalid())?;
+        ctx.principal = Some((claims.tenant.clone(), format!("{}:{}", claims.typ, claims.sub)));
         let identity = self
             .identity_of(&claims)
             .await?
@@ -427,6 +465,7 @@ impl SecretsState {
                 TenantId::parse(&t).map_err(|_| tenant_not_found())?
             }
         };
+        ctx.principal = Some((tenant.to_string(), format!("{}:{}", claims.typ, claims.sub)));
         let tenant_doc = self.tenant_doc(&tenant).await?.ok_or_else(tenant_not_found)?;
         // Per (identity, category) in the tenant acted in: a partner admin's traffic in one tenant does not
         // spend another tenant's budget.

@@ -911,3 +911,46 @@ async fn secrets_are_protected_by_the_hsm() {
     let key = s.app.dispatcher.describe_key(&s.app.admin(), &KeyRef::Alias(alias)).await.unwrap();
     assert!(key.versions.iter().all(|v| v.handle.backend == "hsm"), "{:?}", key.versions);
 }
+
+/// Refusals before any operation (401, 403) are audited as `AccessCheck` with the wire code, the identity when
+/// the token named one, the path and the request id; successful reads are audited by the dispatcher.
+#[tokio::test]
+async fn refusals_are_audited() {
+    let env = common::Env::software().await;
+    let st = SecretsState::new(env.dispatcher.clone(), SecretsConfig::default(), TenantId::default_tenant());
+    let (admin, _) = kmsgate_secrets::bootstrap(&st, &TenantId::default_tenant(), 3600).await.unwrap().unwrap();
+    let (addr, _stop) = serve_router(kmsgate_secrets::router(
+        env.dispatcher.clone(),
+        SecretsConfig::default(),
+        TenantId::default_tenant(),
+    ))
+    .await;
+    let body = serde_json::to_vec(&json!({"name": "r", "scopes": ["secrets:read"]})).unwrap();
+    let r = call(addr, "POST", "/v1/auth/tokens", Some(&admin), &[], Some(body)).await;
+    let reader = r.json()["token"].as_str().unwrap().to_owned();
+    let r = call(
+        addr,
+        "PUT",
+        "/v1/secrets/app/db",
+        Some(&reader),
+        &[("x-request-id", "audit-1")],
+        Some(b"{\"data\":{}}".to_vec()),
+    )
+    .await;
+    expect(&r, 403, "insufficient_scope");
+    expect(
+        &call(addr, "GET", "/v1/secrets/app/db", None, &[("x-request-id", "audit-2")], None).await,
+        401,
+        "authentication_required",
+    );
+    let events = env.audit.events();
+    let checks: Vec<_> = events.iter().filter(|e| e.operation == kmsgate_core::Operation::AccessCheck).collect();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert_eq!(checks[0].request_id, "audit-1");
+    assert_eq!(checks[0].identity, "service_account:admin");
+    assert_eq!(checks[0].tenant, "default");
+    assert_eq!(checks[0].resource.as_deref(), Some("secrets/app/db"));
+    assert_eq!(checks[0].outcome, kmsgate_core::Outcome::Error { kind: "insufficient_scope" });
+    assert_eq!((checks[1].identity.as_str(), checks[1].request_id.as_str()), ("anonymous", "audit-2"));
+    assert!(!format!("{events:?}").contains(&reader), "no token in audit records");
+}
