@@ -285,6 +285,10 @@ pub fn with_etag(mut r: Response, etag: &str) -> Response {
 /// An `If-Match` value as the revision it names (`"12"` or `W/"12"`), or `version_conflict` if unparsable.
 pub fn if_match_number(ctx: &Ctx) -> ApiResult<Option<i64>> {
     let Some(v) = ctx.if_match() else { return Ok(None) };
+    if v == "*" {
+        // "Any current representation": no revision to compare (a missing resource still fails as not found).
+        return Ok(None);
+    }
     let v = v.strip_prefix("W/").unwrap_or(&v);
     let inner = v.trim_matches('"');
     inner.parse::<i64>().map(Some).map_err(|_| {
