@@ -63,7 +63,7 @@ pub fn precheck<'a>(headers: &'a HeaderMap, body: &[u8], now: SystemTime, skew: 
             return Err(AliError::new(
                 axum::http::StatusCode::BAD_REQUEST,
                 "InvalidParam",
-                format!("The Param x-kms-signaturemethod is invalid. message:\"{shown}\""),
+                format!("The Param x-kms-signaturemethod is invalid. message:\"{shown}\"."),
             ));
         }
         None => return Err(AliError::invalid_param("x-kms-signaturemethod")),

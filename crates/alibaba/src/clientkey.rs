@@ -22,6 +22,9 @@ pub struct ClientKeyBody {
     pub revoked_at: Option<Timestamp>,
     #[serde(default)]
     pub description: String,
+    /// Requests per second this ClientKey may make; `None`: the `[alibaba]` default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qps: Option<u32>,
 }
 
 impl ClientKeyBody {
@@ -39,6 +42,9 @@ pub struct ClientKeyInfo {
     pub created_at: String,
     pub revoked: bool,
     pub description: String,
+    /// Its own QPS limit, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qps: Option<u32>,
 }
 
 fn parse(doc: &Document) -> Result<ClientKeyBody> {
@@ -64,6 +70,21 @@ pub async fn register(
     public_key_der: &[u8],
     description: &str,
 ) -> Result<String> {
+    register_with(d, caller, identity, public_key_der, description, None).await
+}
+
+/// [`register`] with a QPS limit of its own (`None`: the configured default).
+pub async fn register_with(
+    d: &Dispatcher,
+    caller: &Caller,
+    identity: &str,
+    public_key_der: &[u8],
+    description: &str,
+    qps: Option<u32>,
+) -> Result<String> {
+    if qps == Some(0) {
+        return Err(Error::invalid("a ClientKey's QPS limit must be at least 1"));
+    }
     if identity.is_empty() || identity.len() > 128 || !identity.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Error::invalid("the identity must be 1-128 printable ASCII characters"));
     }
@@ -73,6 +94,7 @@ pub async fn register(
         public_key: STANDARD.encode(public_key_der),
         revoked_at: None,
         description: description.to_owned(),
+        qps,
     };
     let value = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode a ClientKey").with_source(e))?;
     d.put_document(caller, Document::new(KIND_CLIENT_KEY, &id, caller.tenant.clone(), value), Precondition::Absent)
@@ -95,6 +117,7 @@ pub async fn list(d: &Dispatcher, tenant: Option<&TenantId>) -> Result<Vec<Clien
                 created_at: doc.created_at.to_rfc3339(),
                 revoked: body.revoked_at.is_some(),
                 description: body.description,
+                qps: body.qps,
             });
         }
         match p.next {
@@ -118,6 +141,29 @@ pub async fn revoke(d: &Dispatcher, caller: &Caller, id: &str) -> Result<()> {
         return Ok(());
     }
     body.revoked_at = Some(Timestamp::now());
+    let value = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode a ClientKey").with_source(e))?;
+    let mut next = (*doc).clone();
+    next.body = value;
+    match d.put_document(caller, next, Precondition::Revision(doc.revision)).await? {
+        Some(_) => Ok(()),
+        None => Err(Error::new(ErrorKind::VersionConflict, "the ClientKey changed meanwhile; retry")),
+    }
+}
+
+/// Sets (or with `None` clears, falling back to the configured default) a ClientKey's own QPS limit. Running
+/// servers apply it once their document cache hears of the change.
+pub async fn set_qps(d: &Dispatcher, caller: &Caller, id: &str, qps: Option<u32>) -> Result<()> {
+    if qps == Some(0) {
+        return Err(Error::invalid("a ClientKey's QPS limit must be at least 1"));
+    }
+    let Some(doc) = d.document(KIND_CLIENT_KEY, id).await? else {
+        return Err(Error::new(ErrorKind::InvalidRequest, "no such ClientKey"));
+    };
+    if doc.tenant != caller.tenant {
+        return Err(Error::new(ErrorKind::InvalidRequest, "no such ClientKey"));
+    }
+    let mut body = parse(&doc)?;
+    body.qps = qps;
     let value = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode a ClientKey").with_source(e))?;
     let mut next = (*doc).clone();
     next.body = value;
@@ -155,6 +201,11 @@ impl NewClientKey {
         }
         out.push_str("-----END RSA PRIVATE KEY-----\n");
         Ok(out)
+    }
+
+    /// The vendor's `clientKey_<id>.json` (PKCS#12 in legacy encryption) and its password file.
+    pub fn client_key_files(&self) -> Result<crate::pkcs12::ClientKeyFiles> {
+        crate::pkcs12::client_key_files(&self.id, &self.private_key_pkcs8)
     }
 }
 
@@ -196,13 +247,24 @@ fn pkcs1_of_pkcs8(pkcs8: &[u8]) -> Option<&[u8]> {
 /// Generates an RSA-2048 key pair (the vendor's ClientKey spec), registers its public half and returns the
 /// private half, which is not stored anywhere.
 pub async fn create(d: &Dispatcher, caller: &Caller, identity: &str, description: &str) -> Result<NewClientKey> {
+    create_with(d, caller, identity, description, None).await
+}
+
+/// [`create`] with a QPS limit of its own (`None`: the configured default).
+pub async fn create_with(
+    d: &Dispatcher,
+    caller: &Caller,
+    identity: &str,
+    description: &str,
+    qps: Option<u32>,
+) -> Result<NewClientKey> {
     use aws_lc_rs::encoding::AsDer as _;
     use aws_lc_rs::signature::KeyPair as _;
     let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
         .map_err(|_| Error::internal("cannot generate an RSA key pair"))?;
     let pkcs8 = pair.as_der().map_err(|_| Error::internal("cannot encode the private key"))?;
     let private_key_pkcs8 = zeroize::Zeroizing::new(pkcs8.as_ref().to_vec());
-    let id = register(d, caller, identity, pair.public_key().as_ref(), description).await?;
+    let id = register_with(d, caller, identity, pair.public_key().as_ref(), description, qps).await?;
     Ok(NewClientKey { id, private_key_pkcs8 })
 }
 

@@ -16,6 +16,9 @@ pub struct AlibabaConfig {
     pub max_symmetric_plaintext_bytes: usize,
     /// Largest message of an asymmetric operation (the vendor's 1 KB; also bounded by RSA-OAEP itself).
     pub max_asymmetric_plaintext_bytes: usize,
+    /// Requests per second each ClientKey may make unless it has its own limit
+    /// (`kmsgate alibaba client-keys create --qps`); 0: unlimited. Excess requests get 429 Rejected.Throttling.
+    pub client_key_qps: u32,
 }
 
 impl AlibabaConfig {
@@ -42,6 +45,7 @@ impl Default for AlibabaConfig {
             max_body_bytes: 3 * 1024 * 1024,
             max_symmetric_plaintext_bytes: 6 * 1024,
             max_asymmetric_plaintext_bytes: 1024,
+            client_key_qps: 0,
         }
     }
 }

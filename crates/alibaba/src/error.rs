@@ -8,6 +8,8 @@ use prost::Message as _;
 
 use crate::proto;
 
+const KEY_NOT_FOUND: &str = "The specified Key is not found.";
+
 /// A wire error of the instance API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AliError {
@@ -57,11 +59,32 @@ impl AliError {
     }
 
     pub fn signature_not_match() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "SignatureNotMatch", "The request signature does not match.")
+        Self::new(StatusCode::UNAUTHORIZED, "SignatureNotMatch", "Signature is not matched.")
     }
 
-    pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", "The ClientKey is unknown or revoked.")
+    /// An unknown or revoked ClientKey, in the vendor's words (the id is echoed only when it is short printable
+    /// ASCII).
+    pub fn unauthorized(client_key: &str) -> Self {
+        let shown =
+            if client_key.len() <= 64 && client_key.bytes().all(|b| b.is_ascii_graphic()) { client_key } else { "?" };
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            format!("The AccessKey ID \"{shown}\" does not exist in our records."),
+        )
+    }
+
+    /// The three Forbidden.KeyNotFound messages: no such key, alias, or key version.
+    pub fn key_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Forbidden.KeyNotFound", KEY_NOT_FOUND)
+    }
+
+    pub fn alias_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Forbidden.KeyNotFound", "The specified Alias is not found.")
+    }
+
+    pub fn key_version_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Forbidden.KeyNotFound", "The specified Key version is not found.")
     }
 
     /// A (ClientKey, signature) pair seen before within the date window: see the replay check.
@@ -71,6 +94,11 @@ impl AliError {
             "Rejected.Throttling",
             "The same signed request was already received; retry with a new Date.",
         )
+    }
+
+    /// The ClientKey's QPS limit is exhausted (the vendor's text for it).
+    pub fn throttled() -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "Rejected.Throttling", "QPS Limit Exceeded")
     }
 
     pub fn unsupported(message: impl Into<String>) -> Self {
@@ -157,7 +185,8 @@ impl From<kmsgate_core::Error> for AliError {
             return AliError::new(status, code, e.message().to_owned());
         }
         let message = match kind {
-            ErrorKind::KeyNotFound | ErrorKind::AliasNotFound => "The specified Key is not found.".to_owned(),
+            ErrorKind::KeyNotFound => KEY_NOT_FOUND.to_owned(),
+            ErrorKind::AliasNotFound => "The specified Alias is not found.".to_owned(),
             _ => e.message().to_owned(),
         };
         AliError::new(status, code, message)

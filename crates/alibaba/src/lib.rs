@@ -10,6 +10,8 @@ pub mod clientkey;
 pub mod config;
 pub mod error;
 pub mod keypair;
+pub mod limit;
+pub mod pkcs12;
 mod service;
 
 /// The wire messages, generated from protos/alibaba/instance.proto.

@@ -1,6 +1,7 @@
 //! The request path: size and content-type checks, authentication, then one dispatcher call per API.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_lc_rs::digest;
@@ -10,10 +11,11 @@ use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use kmsgate_core::metrics::WireLabels;
 use kmsgate_core::{
-    Caller, DecryptRequest, Dispatcher, Document, EncryptReply, EncryptRequest, EncryptionAlgorithm, ErrorKind,
-    Frontend, KeyRef, KeySpec, Precondition, SecretPath, SecretSelector, SignInput, SignRequest, SigningAlgorithm,
-    TenantId,
+    BlockPadding, Caller, DecryptRequest, Dispatcher, Document, EncryptReply, EncryptRequest, EncryptionAlgorithm,
+    ErrorKind, Frontend, KeyRef, KeySpec, Precondition, SecretPath, SecretSelector, SignInput, SignRequest,
+    SigningAlgorithm, TenantId,
 };
 use prost::Message;
 use uuid::Uuid;
@@ -35,6 +37,7 @@ pub struct AlibabaState {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) config: AlibabaConfig,
     replays: ReplayCache,
+    limits: crate::limit::QpsLimiter,
 }
 
 impl std::fmt::Debug for AlibabaState {
@@ -46,7 +49,7 @@ impl std::fmt::Debug for AlibabaState {
 impl AlibabaState {
     pub fn new(dispatcher: Dispatcher, config: AlibabaConfig) -> Self {
         let replays = ReplayCache::new(Duration::from_secs(config.max_clock_skew_secs));
-        AlibabaState { dispatcher, config, replays }
+        AlibabaState { dispatcher, config, replays, limits: crate::limit::QpsLimiter::default() }
     }
 }
 
@@ -70,7 +73,12 @@ pub async fn handle(State(state): State<Arc<AlibabaState>>, req: Request<Body>) 
     let mut key_id = String::new();
     let result = process(&state, req, &request_id, &api, &mut key_id).await;
     let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let response = match result {
+    let labels = WireLabels {
+        frontend: Frontend::AlibabaInstance,
+        operation: api_label(&api),
+        code: result.as_ref().err().map_or("ok", |e| e.code),
+    };
+    let mut response = match result {
         Ok(reply) => {
             let mut r = (StatusCode::OK, reply.body).into_response();
             let h = r.headers_mut();
@@ -82,6 +90,7 @@ pub async fn handle(State(state): State<Arc<AlibabaState>>, req: Request<Body>) 
         }
         Err(e) => e.into_response_with(&request_id),
     };
+    response.extensions_mut().insert(labels);
     let status = response.status().as_u16();
     let api_shown = if api.len() <= 64 && api.bytes().all(|b| b.is_ascii_graphic()) { api.as_str() } else { "?" };
     if status >= 500 {
@@ -90,11 +99,35 @@ pub async fn handle(State(state): State<Arc<AlibabaState>>, req: Request<Body>) 
         tracing::info!(target: "alibaba", api = api_shown, client_key = %key_id, request_id, status, latency_us, "alibaba request");
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        let mut response = response;
         response.headers_mut().insert("x-kms-request-id", v);
-        return response;
     }
     response
+}
+
+/// The API names `process` answers, for the request metrics' `operation` label (bounded: anything else a
+/// caller sends is `unknown`).
+const API_NAMES: &[&str] = &[
+    "AdvanceDecrypt",
+    "AdvanceEncrypt",
+    "AdvanceGenerateDataKey",
+    "AdvanceGenerateDataKeyPair",
+    "AdvanceGenerateDataKeyPairWithoutPlaintext",
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateRandom",
+    "GetPublicKey",
+    "GetSecretValue",
+    "Hash",
+    "Hmac",
+    "Sign",
+    "Verify",
+];
+
+fn api_label(api: &str) -> &'static str {
+    API_NAMES.iter().find(|n| **n == api).copied().unwrap_or("unknown")
 }
 
 async fn process(
@@ -117,7 +150,8 @@ async fn process(
     let skew = Duration::from_secs(state.config.max_clock_skew_secs);
     let client_key = auth::precheck(&headers, &body, SystemTime::now(), skew)?;
     *client_key_out = client_key.chars().take(64).collect();
-    let (tenant, key) = clientkey::lookup(&state.dispatcher, client_key).await?.ok_or_else(AliError::unauthorized)?;
+    let (tenant, key) =
+        clientkey::lookup(&state.dispatcher, client_key).await?.ok_or_else(|| AliError::unauthorized(client_key))?;
     let signature = auth::verify_signature(&headers, &key)?;
     if !state.replays.first_use(client_key, &signature).await {
         // The signature is deterministic and the date has one-second resolution, so a legitimate client
@@ -126,6 +160,11 @@ async fn process(
         // replayed capture, whose date cannot change, is refused every time.
         return Err(AliError::duplicate_signature());
     }
+    // Only authenticated requests count against (and may exhaust) a ClientKey's budget.
+    let qps = key.qps.unwrap_or(state.config.client_key_qps);
+    if qps > 0 && !state.limits.admit(client_key, qps, Instant::now()) {
+        return Err(AliError::throttled());
+    }
     let caller = Caller {
         tenant,
         identity: key.identity.clone(),
@@ -133,82 +172,98 @@ async fn process(
         request_id: request_id.to_owned(),
         metadata: [("client_key".to_owned(), client_key.to_owned())].into_iter().collect(),
     };
-    let ctx = Ctx { state, caller: &caller, headers: &headers, request_id };
-    match api {
-        "Encrypt" => ctx.encrypt(decode(&body)?).await,
-        "Decrypt" => ctx.decrypt(decode(&body)?).await,
-        "GenerateDataKey" => ctx.generate_data_key(decode(&body)?).await,
-        "GenerateRandom" => ctx.generate_random(decode(&body)?).await,
-        "Sign" => ctx.sign(decode(&body)?).await,
-        "Verify" => ctx.verify(decode(&body)?).await,
-        "GetPublicKey" => ctx.get_public_key(decode(&body)?).await,
-        "Hmac" => ctx.hmac(decode(&body)?).await,
-        "Hash" => ctx.hash(decode(&body)?),
-        "GetSecretValue" => ctx.get_secret_value(decode(&body)?).await,
-        "AdvanceEncrypt" => ctx.advance_encrypt(decode(&body)?).await,
-        "AdvanceDecrypt" => ctx.advance_decrypt(decode(&body)?).await,
-        "AdvanceGenerateDataKey" => ctx.advance_generate_data_key(decode(&body)?).await,
-        "GenerateDataKeyPair" => {
-            let r: proto::GenerateDataKeyPairRequest = decode(&body)?;
-            let p = ctx.data_key_pair(&r.key_id, &r.algorithm, &r.key_pair_spec, &r.key_format, r.aad, false).await?;
-            let msg = proto::GenerateDataKeyPairResponse {
-                key_id: p.key_id,
-                iv: p.iv,
-                key_pair_spec: r.key_pair_spec,
-                private_key_plaintext: p.private_plaintext.to_vec(),
-                private_key_ciphertext_blob: p.private_ciphertext,
-                public_key: p.public_key,
-                request_id: ctx.rid(),
-                algorithm: "AES_GCM".to_owned(),
-            };
-            Ok(Reply::of(&msg, None))
+    let ctx = Ctx { state, caller: &caller, headers: &headers, request_id, alias: AtomicBool::new(false) };
+    let result = ctx.dispatch(api, &body).await;
+    // The core reports an unknown alias as an unknown key; the vendor names the alias.
+    match result {
+        Err(e) if e.code == "Forbidden.KeyNotFound" && ctx.alias.load(Ordering::Relaxed) => {
+            Err(AliError::alias_not_found())
         }
-        "GenerateDataKeyPairWithoutPlaintext" => {
-            let r: proto::GenerateDataKeyPairWithoutPlaintextRequest = decode(&body)?;
-            let p = ctx.data_key_pair(&r.key_id, &r.algorithm, &r.key_pair_spec, &r.key_format, r.aad, false).await?;
-            let msg = proto::GenerateDataKeyPairWithoutPlaintextResponse {
-                key_id: p.key_id,
-                iv: p.iv,
-                key_pair_spec: r.key_pair_spec,
-                private_key_ciphertext_blob: p.private_ciphertext,
-                public_key: p.public_key,
-                request_id: ctx.rid(),
-                algorithm: "AES_GCM".to_owned(),
-            };
-            Ok(Reply::of(&msg, None))
+        other => other,
+    }
+}
+
+impl Ctx<'_> {
+    async fn dispatch(&self, api: &str, body: &[u8]) -> Result<Reply, AliError> {
+        let ctx = self;
+        match api {
+            "Encrypt" => ctx.encrypt(decode(body)?).await,
+            "Decrypt" => ctx.decrypt(decode(body)?).await,
+            "GenerateDataKey" => ctx.generate_data_key(decode(body)?).await,
+            "GenerateRandom" => ctx.generate_random(decode(body)?).await,
+            "Sign" => ctx.sign(decode(body)?).await,
+            "Verify" => ctx.verify(decode(body)?).await,
+            "GetPublicKey" => ctx.get_public_key(decode(body)?).await,
+            "Hmac" => ctx.hmac(decode(body)?).await,
+            "Hash" => ctx.hash(decode(body)?),
+            "GetSecretValue" => ctx.get_secret_value(decode(body)?).await,
+            "AdvanceEncrypt" => ctx.advance_encrypt(decode(body)?).await,
+            "AdvanceDecrypt" => ctx.advance_decrypt(decode(body)?).await,
+            "AdvanceGenerateDataKey" => ctx.advance_generate_data_key(decode(body)?).await,
+            "GenerateDataKeyPair" => {
+                let r: proto::GenerateDataKeyPairRequest = decode(body)?;
+                let p =
+                    ctx.data_key_pair(&r.key_id, &r.algorithm, &r.key_pair_spec, &r.key_format, r.aad, false).await?;
+                let msg = proto::GenerateDataKeyPairResponse {
+                    key_id: p.key_id,
+                    iv: p.iv,
+                    key_pair_spec: r.key_pair_spec,
+                    private_key_plaintext: p.private_plaintext.to_vec(),
+                    private_key_ciphertext_blob: p.private_ciphertext,
+                    public_key: p.public_key,
+                    request_id: ctx.rid(),
+                    algorithm: "AES_GCM".to_owned(),
+                };
+                Ok(Reply::of(&msg, None))
+            }
+            "GenerateDataKeyPairWithoutPlaintext" => {
+                let r: proto::GenerateDataKeyPairWithoutPlaintextRequest = decode(body)?;
+                let p =
+                    ctx.data_key_pair(&r.key_id, &r.algorithm, &r.key_pair_spec, &r.key_format, r.aad, false).await?;
+                let msg = proto::GenerateDataKeyPairWithoutPlaintextResponse {
+                    key_id: p.key_id,
+                    iv: p.iv,
+                    key_pair_spec: r.key_pair_spec,
+                    private_key_ciphertext_blob: p.private_ciphertext,
+                    public_key: p.public_key,
+                    request_id: ctx.rid(),
+                    algorithm: "AES_GCM".to_owned(),
+                };
+                Ok(Reply::of(&msg, None))
+            }
+            "AdvanceGenerateDataKeyPair" => {
+                let r: proto::AdvanceGenerateDataKeyPairRequest = decode(body)?;
+                let p = ctx.data_key_pair(&r.key_id, "", &r.key_pair_spec, &r.key_format, r.aad, true).await?;
+                let msg = proto::AdvanceGenerateDataKeyPairResponse {
+                    key_id: p.key_id,
+                    iv: p.iv,
+                    key_pair_spec: r.key_pair_spec,
+                    private_key_plaintext: p.private_plaintext.to_vec(),
+                    private_key_ciphertext_blob: p.private_ciphertext,
+                    public_key: p.public_key,
+                    request_id: ctx.rid(),
+                    algorithm: "AES_GCM".to_owned(),
+                    key_version_id: p.version.to_string(),
+                };
+                Ok(Reply::of(&msg, None))
+            }
+            "AdvanceGenerateDataKeyPairWithoutPlaintext" => {
+                let r: proto::AdvanceGenerateDataKeyPairWithoutPlaintextRequest = decode(body)?;
+                let p = ctx.data_key_pair(&r.key_id, "", &r.key_pair_spec, &r.key_format, r.aad, true).await?;
+                let msg = proto::AdvanceGenerateDataKeyPairWithoutPlaintextResponse {
+                    key_id: p.key_id,
+                    iv: p.iv,
+                    key_pair_spec: r.key_pair_spec,
+                    private_key_ciphertext_blob: p.private_ciphertext,
+                    public_key: p.public_key,
+                    request_id: ctx.rid(),
+                    algorithm: "AES_GCM".to_owned(),
+                    key_version_id: p.version.to_string(),
+                };
+                Ok(Reply::of(&msg, None))
+            }
+            other => Err(AliError::invalid_api_name(other)),
         }
-        "AdvanceGenerateDataKeyPair" => {
-            let r: proto::AdvanceGenerateDataKeyPairRequest = decode(&body)?;
-            let p = ctx.data_key_pair(&r.key_id, "", &r.key_pair_spec, &r.key_format, r.aad, true).await?;
-            let msg = proto::AdvanceGenerateDataKeyPairResponse {
-                key_id: p.key_id,
-                iv: p.iv,
-                key_pair_spec: r.key_pair_spec,
-                private_key_plaintext: p.private_plaintext.to_vec(),
-                private_key_ciphertext_blob: p.private_ciphertext,
-                public_key: p.public_key,
-                request_id: ctx.rid(),
-                algorithm: "AES_GCM".to_owned(),
-                key_version_id: p.version.to_string(),
-            };
-            Ok(Reply::of(&msg, None))
-        }
-        "AdvanceGenerateDataKeyPairWithoutPlaintext" => {
-            let r: proto::AdvanceGenerateDataKeyPairWithoutPlaintextRequest = decode(&body)?;
-            let p = ctx.data_key_pair(&r.key_id, "", &r.key_pair_spec, &r.key_format, r.aad, true).await?;
-            let msg = proto::AdvanceGenerateDataKeyPairWithoutPlaintextResponse {
-                key_id: p.key_id,
-                iv: p.iv,
-                key_pair_spec: r.key_pair_spec,
-                private_key_ciphertext_blob: p.private_ciphertext,
-                public_key: p.public_key,
-                request_id: ctx.rid(),
-                algorithm: "AES_GCM".to_owned(),
-                key_version_id: p.version.to_string(),
-            };
-            Ok(Reply::of(&msg, None))
-        }
-        other => Err(AliError::invalid_api_name(other)),
     }
 }
 
@@ -239,7 +294,7 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, AliError> {
     M::decode(body).map_err(|_| AliError::invalid_parameter("The request body is not a valid protobuf message."))
 }
 
-fn key_ref(key_id: &str) -> Result<KeyRef, AliError> {
+fn parse_key_ref(key_id: &str) -> Result<KeyRef, AliError> {
     if key_id.is_empty() {
         return Err(AliError::missing_parameter("KeyId"));
     }
@@ -247,19 +302,22 @@ fn key_ref(key_id: &str) -> Result<KeyRef, AliError> {
 }
 
 fn encryption_algorithm(name: &str, padding: &str) -> Result<Option<EncryptionAlgorithm>, AliError> {
+    let block_padding = || match padding {
+        // PKCS7_PADDING is the documented default of the block modes.
+        "" | "PKCS7_PADDING" => Ok(BlockPadding::Pkcs7),
+        "NO_PADDING" => Ok(BlockPadding::NoPadding),
+        _ => Err(AliError::invalid_parameter("The specified parameter PaddingMode is not valid.")),
+    };
     match name {
         "" => Ok(None),
         "AES_GCM" if padding.is_empty() => Ok(Some(EncryptionAlgorithm::AesGcm)),
         "RSAES_OAEP_SHA_256" => Ok(Some(EncryptionAlgorithm::RsaOaepSha256)),
-        "AES_GCM"
-        | "AES_CBC"
-        | "AES_ECB"
-        | "SM4_GCM"
-        | "SM4_CBC"
-        | "SM4_ECB"
-        | "SM2PKE"
-        | "RSAES_OAEP_SHA_1"
-        | "ECIES_DH_SHA_1_XOR_HMAC" => Err(AliError::unsupported("Rejected.UnsupportedOperation")),
+        "AES_CBC" => Ok(Some(EncryptionAlgorithm::AesCbc(block_padding()?))),
+        "AES_ECB" => Ok(Some(EncryptionAlgorithm::AesEcb(block_padding()?))),
+        "AES_GCM" => Err(AliError::invalid_parameter("The specified parameter PaddingMode is not valid.")),
+        "SM4_GCM" | "SM4_CBC" | "SM4_ECB" | "SM2PKE" | "RSAES_OAEP_SHA_1" | "ECIES_DH_SHA_1_XOR_HMAC" => {
+            Err(AliError::unsupported("Rejected.UnsupportedOperation"))
+        }
         _ => Err(AliError::invalid_parameter("The specified parameter Algorithm is not valid.")),
     }
 }
@@ -268,6 +326,17 @@ fn algorithm_name(alg: EncryptionAlgorithm) -> &'static str {
     match alg {
         EncryptionAlgorithm::AesGcm => "AES_GCM",
         EncryptionAlgorithm::RsaOaepSha256 => "RSAES_OAEP_SHA_256",
+        EncryptionAlgorithm::AesCbc(_) => "AES_CBC",
+        EncryptionAlgorithm::AesEcb(_) => "AES_ECB",
+    }
+}
+
+/// The `PaddingMode` a response names: the block modes' padding, nothing for the others.
+fn padding_name(alg: EncryptionAlgorithm) -> &'static str {
+    match alg.block_mode() {
+        Some((_, BlockPadding::Pkcs7)) => "PKCS7_PADDING",
+        Some((_, BlockPadding::NoPadding)) => "NO_PADDING",
+        None => "",
     }
 }
 
@@ -317,9 +386,17 @@ struct Ctx<'a> {
     caller: &'a Caller,
     headers: &'a HeaderMap,
     request_id: &'a str,
+    /// Whether the request named its key by alias (for the not-found message).
+    alias: AtomicBool,
 }
 
 impl Ctx<'_> {
+    fn key_ref(&self, key_id: &str) -> Result<KeyRef, AliError> {
+        let key = parse_key_ref(key_id)?;
+        self.alias.store(matches!(key, KeyRef::Alias(_)), Ordering::Relaxed);
+        Ok(key)
+    }
+
     fn d(&self) -> &Dispatcher {
         &self.state.dispatcher
     }
@@ -352,7 +429,7 @@ impl Ctx<'_> {
         iv: Vec<u8>,
     ) -> Result<EncryptReply, AliError> {
         let plaintext = Zeroizing::new(plaintext);
-        let key = key_ref(key_id)?;
+        let key = self.key_ref(key_id)?;
         self.check_payload(&key, plaintext.len()).await?;
         let algorithm = encryption_algorithm(algorithm, padding)?;
         let iv = if iv.is_empty() { None } else { Some(iv) };
@@ -369,13 +446,13 @@ impl Ctx<'_> {
             iv: e.iv,
             request_id: self.rid(),
             algorithm: algorithm_name(e.algorithm).to_owned(),
-            padding_mode: r.padding_mode,
+            padding_mode: padding_name(e.algorithm).to_owned(),
         };
         Ok(Reply::of(&msg, Some(e.version)))
     }
 
     async fn decrypt(&self, r: proto::DecryptRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         let algorithm = encryption_algorithm(&r.algorithm, &r.padding_mode)?;
         let k = self.d().resolve(&self.caller.tenant, &key).await?;
         let alg = algorithm.or_else(|| EncryptionAlgorithm::default_for(k.spec));
@@ -396,8 +473,11 @@ impl Ctx<'_> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Uuid::parse_str(v).ok())
             .filter(|v| k.version(*v).is_some());
+        let authenticated = matches!(alg, Some(EncryptionAlgorithm::AesGcm | EncryptionAlgorithm::RsaOaepSha256));
         let mut candidates: Vec<Uuid> = match named {
             Some(v) => vec![v],
+            // CBC and ECB carry no tag: a wrong version would "decrypt" to garbage, so only the primary is tried.
+            None if !authenticated => vec![k.primary_version],
             None => std::iter::once(k.primary_version)
                 .chain(k.versions.iter().rev().map(|v| v.id).filter(|v| *v != k.primary_version))
                 .collect(),
@@ -421,7 +501,7 @@ impl Ctx<'_> {
                         plaintext: p.plaintext.to_vec(),
                         request_id: self.rid(),
                         algorithm: alg.map(algorithm_name).unwrap_or_default().to_owned(),
-                        padding_mode: r.padding_mode,
+                        padding_mode: alg.map(padding_name).unwrap_or_default().to_owned(),
                     };
                     return Ok(Reply::of(&msg, Some(p.version)));
                 }
@@ -433,7 +513,7 @@ impl Ctx<'_> {
     }
 
     async fn generate_data_key(&self, r: proto::GenerateDataKeyRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         if !matches!(r.algorithm.as_str(), "" | "AES_GCM") {
             return Err(AliError::unsupported("Rejected.UnsupportedOperation"));
         }
@@ -464,7 +544,7 @@ impl Ctx<'_> {
     }
 
     async fn sign(&self, r: proto::SignRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         let algorithm = signing_algorithm(&r.algorithm)?;
         self.check_payload(&key, r.message.len()).await?;
         let input = sign_input(&r.message_type, r.message, r.digest)?;
@@ -480,7 +560,7 @@ impl Ctx<'_> {
     }
 
     async fn verify(&self, r: proto::VerifyRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         let algorithm = signing_algorithm(&r.algorithm)?;
         self.check_payload(&key, r.message.len()).await?;
         let k = self.d().resolve(&self.caller.tenant, &key).await?;
@@ -498,7 +578,7 @@ impl Ctx<'_> {
     }
 
     async fn get_public_key(&self, r: proto::GetPublicKeyRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         let p = self.d().get_public_key(self.caller, &key, None).await?;
         let msg = proto::GetPublicKeyResponse {
             key_id: p.key_id.to_string(),
@@ -509,7 +589,7 @@ impl Ctx<'_> {
     }
 
     async fn hmac(&self, r: proto::HmacRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         if r.message.len() > self.state.config.max_symmetric_plaintext_bytes {
             return Err(AliError::invalid_parameter("The payload is too large."));
         }
@@ -586,7 +666,7 @@ impl Ctx<'_> {
         aad: Vec<u8>,
         advance: bool,
     ) -> Result<SealedPair, AliError> {
-        let key = key_ref(key_id)?;
+        let key = self.key_ref(key_id)?;
         if !matches!(algorithm, "" | "AES_GCM") {
             return Err(AliError::unsupported("Rejected.UnsupportedOperation"));
         }
@@ -641,8 +721,7 @@ impl Ctx<'_> {
     }
 
     async fn key_of_version(&self, tenant: &TenantId, version: Uuid) -> Result<KeyRef, AliError> {
-        let not_found =
-            || AliError::new(StatusCode::NOT_FOUND, "Forbidden.KeyNotFound", "The specified Key is not found.");
+        let not_found = AliError::key_version_not_found;
         let doc = self.d().document(KIND_VERSION_INDEX, &version.to_string()).await?.ok_or_else(not_found)?;
         if &doc.tenant != tenant {
             return Err(not_found());
@@ -674,7 +753,7 @@ impl Ctx<'_> {
             .ok_or_else(|| AliError::invalid_parameter("The specified parameter CiphertextBlob is not valid."))?;
         let key = match r.key_id.as_str() {
             "" => self.key_of_version(&self.caller.tenant, b.version).await?,
-            id => key_ref(id)?,
+            id => self.key_ref(id)?,
         };
         let req = DecryptRequest {
             key,
@@ -698,7 +777,7 @@ impl Ctx<'_> {
     }
 
     async fn advance_generate_data_key(&self, r: proto::AdvanceGenerateDataKeyRequest) -> Result<Reply, AliError> {
-        let key = key_ref(&r.key_id)?;
+        let key = self.key_ref(&r.key_id)?;
         let len = data_key_len(r.number_of_bytes)?;
         let k = self.d().resolve(&self.caller.tenant, &key).await?;
         if k.spec != KeySpec::Aes256 {

@@ -499,8 +499,8 @@ async fn every_error_code_over_the_wire() {
     assert_eq!(call_err(&env, "Encrypt", &enc("")).await, (400, "MissingParameter".to_owned()));
     let big = proto::EncryptRequest { key_id: key.clone(), plaintext: vec![1; 6 * 1024 + 1], ..Default::default() };
     assert_eq!(call_err(&env, "Encrypt", &big).await, (400, "InvalidParameter".to_owned()));
-    let cbc = proto::EncryptRequest { algorithm: "AES_CBC".to_owned(), ..enc(&key) };
-    assert_eq!(call_err(&env, "Encrypt", &cbc).await, (400, "UnsupportedOperation".to_owned()));
+    let sm4 = proto::EncryptRequest { algorithm: "SM4_GCM".to_owned(), ..enc(&key) };
+    assert_eq!(call_err(&env, "Encrypt", &sm4).await, (400, "UnsupportedOperation".to_owned()));
     let k = KeyRef::parse(&key).unwrap();
     env.d.disable_key(&admin, &k).await.unwrap();
     assert_eq!(call_err(&env, "Encrypt", &enc(&key)).await, (409, "Rejected.Disabled".to_owned()));

@@ -343,7 +343,7 @@ impl Gateway {
     /// Starts `kmsgate serve` on an ephemeral port.
     pub fn start(&mut self) -> anyhow::Result<&Served> {
         let mut cmd = self.command();
-        cmd.args(["serve", "--bind", "127.0.0.1:0"]);
+        cmd.args(["serve", "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0"]);
         let served = Served::spawn(cmd, "kmsgate serve", &self.opts.dir.join("kmsgate.log"))?;
         Ok(self.served.insert(served))
     }

@@ -52,6 +52,28 @@ impl SigningAlgorithm {
     }
 }
 
+/// Padding of the unauthenticated AES block modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BlockPadding {
+    /// PKCS#7: 1 to 16 bytes, each holding the count, are always added.
+    Pkcs7,
+    /// None: the data must be a whole number of 16-byte blocks.
+    NoPadding,
+}
+
+/// The unauthenticated AES block modes some protocols ask for (the Alibaba instance API's `AES_CBC` and
+/// `AES_ECB`). They protect confidentiality only; AES-GCM stays every frontend's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AesBlockMode {
+    /// CBC with a 16-byte IV.
+    Cbc,
+    /// ECB: no IV; equal plaintext blocks give equal ciphertext blocks.
+    Ecb,
+}
+
+/// The AES block size, and the IV length of CBC.
+pub const AES_BLOCK_LEN: usize = 16;
+
 /// Encryption schemes the dispatcher routes to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EncryptionAlgorithm {
@@ -59,13 +81,28 @@ pub enum EncryptionAlgorithm {
     AesGcm,
     /// RSAES-OAEP with SHA-256 and MGF1-SHA-256.
     RsaOaepSha256,
+    /// AES-256-CBC, 16-byte IV, no tag.
+    AesCbc(BlockPadding),
+    /// AES-256-ECB, no IV, no tag.
+    AesEcb(BlockPadding),
 }
 
 impl EncryptionAlgorithm {
     pub fn fits(self, spec: KeySpec) -> bool {
         match self {
-            EncryptionAlgorithm::AesGcm => spec == KeySpec::Aes256,
+            EncryptionAlgorithm::AesGcm | EncryptionAlgorithm::AesCbc(_) | EncryptionAlgorithm::AesEcb(_) => {
+                spec == KeySpec::Aes256
+            }
             EncryptionAlgorithm::RsaOaepSha256 => spec.is_rsa(),
+        }
+    }
+
+    /// The block mode and padding of AES-CBC and AES-ECB.
+    pub fn block_mode(self) -> Option<(AesBlockMode, BlockPadding)> {
+        match self {
+            EncryptionAlgorithm::AesCbc(p) => Some((AesBlockMode::Cbc, p)),
+            EncryptionAlgorithm::AesEcb(p) => Some((AesBlockMode::Ecb, p)),
+            EncryptionAlgorithm::AesGcm | EncryptionAlgorithm::RsaOaepSha256 => None,
         }
     }
 
@@ -103,6 +140,13 @@ pub struct MemberHealth {
 pub const GCM_IV_LEN: usize = 12;
 /// Length of the AES-GCM tag every backend produces.
 pub const GCM_TAG_LEN: usize = 16;
+
+fn block_modes_unsupported(kind: &str) -> crate::error::Error {
+    crate::error::Error::new(
+        crate::error::ErrorKind::Unsupported,
+        format!("the {kind} key backend does not offer AES-CBC or AES-ECB"),
+    )
+}
 
 /// A key backend. Implementations must be cheap to call concurrently, must never block an async worker
 /// (offload blocking work), and must map authentication failures of decrypt to `InvalidCiphertext`.
@@ -144,6 +188,34 @@ pub trait KeyBackend: Send + Sync + fmt::Debug {
         aad: &[u8],
         ciphertext_and_tag: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>>;
+
+    /// AES-256 in CBC (`iv` is 16 bytes) or ECB (`iv` is empty) mode with the given padding. Without padding
+    /// the plaintext is a whole number of blocks. Backends without these modes keep this default answer.
+    async fn aes_block_encrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        let _ = (key, mode, padding, iv, plaintext);
+        Err(block_modes_unsupported(self.kind()))
+    }
+
+    /// The inverse of [`KeyBackend::aes_block_encrypt`]. Bad PKCS#7 padding or a partial block is
+    /// `InvalidCiphertext`.
+    async fn aes_block_decrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let _ = (key, mode, padding, iv, ciphertext);
+        Err(block_modes_unsupported(self.kind()))
+    }
 
     /// RSAES-OAEP-SHA256 encrypt with the public half.
     async fn rsa_oaep_encrypt(&self, key: KeyMaterialRef<'_>, plaintext: &[u8]) -> Result<Vec<u8>>;

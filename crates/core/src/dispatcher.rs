@@ -14,10 +14,11 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditSink, Operation, Outcome};
 use crate::backend::{
-    EncryptionAlgorithm, GCM_IV_LEN, GCM_TAG_LEN, HealthStatus, KeyBackend, KeyMaterialRef, MemberHealth,
-    SigningAlgorithm,
+    AES_BLOCK_LEN, AesBlockMode, BlockPadding, EncryptionAlgorithm, GCM_IV_LEN, GCM_TAG_LEN, HealthStatus, KeyBackend,
+    KeyMaterialRef, MemberHealth, SigningAlgorithm,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{BackendCall, CacheKind, CoreMetrics, Limiter};
 use crate::model::{
     AliasName, Caller, Key, KeyId, KeyOrigin, KeyRef, KeySpec, KeyState, KeyUsage, KeyUsageSet, KeyVersion, Page,
     PageRequest, Tenant, TenantId, Timestamp,
@@ -112,7 +113,7 @@ pub struct EncryptRequest {
     pub algorithm: Option<EncryptionAlgorithm>,
     pub plaintext: Zeroizing<Vec<u8>>,
     pub aad: Vec<u8>,
-    /// `None`: a fresh random 12-byte IV.
+    /// `None`: a fresh random IV (12 bytes for AES-GCM, 16 for AES-CBC; AES-ECB and RSA use none).
     pub iv: Option<Vec<u8>>,
 }
 
@@ -121,10 +122,10 @@ pub struct EncryptReply {
     pub key_id: KeyId,
     pub version: Uuid,
     pub algorithm: EncryptionAlgorithm,
-    /// Empty for RSA.
+    /// Empty for RSA and AES-ECB.
     pub iv: Vec<u8>,
     pub ciphertext: Vec<u8>,
-    /// 16 bytes for AES-GCM, empty for RSA.
+    /// 16 bytes for AES-GCM, empty otherwise.
     pub tag: Vec<u8>,
 }
 
@@ -250,6 +251,7 @@ struct Inner {
     change_tx: tokio::sync::broadcast::Sender<Change>,
     /// Highest change-feed sequence number this process has applied.
     change_cursor: AtomicI64,
+    metrics: Arc<CoreMetrics>,
 }
 
 /// The core dispatcher. Cheap to clone; clones share caches and state.
@@ -323,6 +325,7 @@ impl DispatcherBuilder {
                 .build(),
             change_tx: tokio::sync::broadcast::channel(1024).0,
             change_cursor: AtomicI64::new(cursor),
+            metrics: Arc::new(CoreMetrics::new(self.backends.names())),
             store: self.store,
             backends: self.backends,
             audit: self.audit,
@@ -377,6 +380,11 @@ impl Dispatcher {
         &self.inner.audit
     }
 
+    /// The dispatcher's metrics (operations, backend calls, caches, rate limits).
+    pub fn metrics(&self) -> &Arc<CoreMetrics> {
+        &self.inner.metrics
+    }
+
     // ---- the one wrapper every operation goes through -------------------------------------------------
 
     /// Authorize, rate-limit, run, audit. `resource` names what the operation touches.
@@ -411,13 +419,18 @@ impl Dispatcher {
         let started = Instant::now();
         let result = async {
             if check {
-                self.inner.limiter.check(caller, op)?;
+                if let Err(e) = self.inner.limiter.check(caller, op) {
+                    self.inner.metrics.rate_limited(caller.frontend, Limiter::Dispatcher);
+                    return Err(e);
+                }
                 self.inner.authorizer.authorize(caller, op, resource.as_deref())?;
             }
             work.await
         }
         .await;
-        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        self.inner.metrics.operation(caller.frontend, op, elapsed, result.as_ref().err().map(Error::kind));
+        let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(e) => {
@@ -451,19 +464,47 @@ impl Dispatcher {
     }
 
     /// Key generation under its own, longer deadline.
-    async fn keygen_call<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.inner.config.keygen_deadline, fut).await {
+    async fn keygen_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let r = tokio::time::timeout(self.inner.config.keygen_deadline, fut).await;
+        self.record_backend_call(backend, BackendCall::Keygen, started, &r);
+        match r {
             Ok(r) => r,
             Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the key backend did not generate the key in time")),
         }
     }
 
     /// A backend call under the backend deadline.
-    async fn backend_call<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.inner.config.backend_deadline, fut).await {
+    async fn backend_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let r = tokio::time::timeout(self.inner.config.backend_deadline, fut).await;
+        self.record_backend_call(backend, BackendCall::Crypto, started, &r);
+        match r {
             Ok(r) => r,
             Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the key backend did not answer in time")),
         }
+    }
+
+    fn record_backend_call<T>(
+        &self,
+        backend: &str,
+        call: BackendCall,
+        started: Instant,
+        r: &std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    ) {
+        let m = &self.inner.metrics;
+        // A refusal of the caller's input (a tag that does not authenticate, a bad signature) is the backend
+        // working: only timeouts and failures of the backend itself count against it.
+        let (timeout, ok) = match r {
+            Err(_) => (true, false),
+            Ok(Err(e)) => match e.kind() {
+                ErrorKind::DependencyTimeout => (true, false),
+                ErrorKind::DependencyFailure | ErrorKind::StorageFailure | ErrorKind::Internal => (false, false),
+                _ => (false, true),
+            },
+            Ok(Ok(_)) => (false, true),
+        };
+        m.backend_call(m.backend_index(backend), call, started.elapsed(), timeout, ok);
     }
 
     // ---- resolution and caches -------------------------------------------------------------------------
@@ -474,16 +515,20 @@ impl Dispatcher {
             KeyRef::Alias(alias) => {
                 let ck = (tenant.clone(), alias.clone());
                 let store = self.inner.store.clone();
+                // The loader runs only on a miss (and once for concurrent misses of the same entry).
+                let missed = std::sync::atomic::AtomicBool::new(false);
                 let loaded = self
                     .inner
                     .aliases
                     .try_get_with(ck, async {
+                        missed.store(true, Ordering::Relaxed);
                         match self.store_call(store.get_alias(tenant, alias)).await? {
                             Some(entry) => Ok(entry.key_id),
                             None => Err(Error::new(ErrorKind::AliasNotFound, "the alias does not exist")),
                         }
                     })
                     .await;
+                self.inner.metrics.cache(CacheKind::Alias, !missed.load(Ordering::Relaxed));
                 loaded.map_err(unshare)
             }
         }
@@ -496,16 +541,20 @@ impl Dispatcher {
             if e.kind() == ErrorKind::AliasNotFound { Error::key_not_found() } else { e }
         })?;
         let store = self.inner.store.clone();
-        self.inner
+        let missed = std::sync::atomic::AtomicBool::new(false);
+        let loaded = self
+            .inner
             .keys
             .try_get_with((tenant.clone(), id.clone()), async {
+                missed.store(true, Ordering::Relaxed);
                 match self.store_call(store.get_key(tenant, &id)).await? {
                     Some(k) => Ok(Arc::new(k)),
                     None => Err(Error::key_not_found()),
                 }
             })
-            .await
-            .map_err(unshare)
+            .await;
+        self.inner.metrics.cache(CacheKind::Key, !missed.load(Ordering::Relaxed));
+        loaded.map_err(unshare)
     }
 
     async fn invalidate_key(&self, tenant: &TenantId, id: &KeyId) {
@@ -576,11 +625,14 @@ impl Dispatcher {
     pub async fn document(&self, kind: &str, id: &str) -> Result<Option<Arc<Document>>> {
         let k = (kind.to_owned(), id.to_owned());
         if let Some(d) = self.inner.documents.get(&k).await {
+            self.inner.metrics.cache(CacheKind::Document, true);
             return Ok(Some(d));
         }
         if self.inner.missing_documents.contains_key(&k) {
+            self.inner.metrics.cache(CacheKind::Document, true);
             return Ok(None);
         }
+        self.inner.metrics.cache(CacheKind::Document, false);
         match self.store_call(self.inner.store.get_document(kind, id)).await? {
             Some(d) => {
                 let d = Arc::new(d);
@@ -727,7 +779,11 @@ impl Dispatcher {
         let mut ct_tag = Vec::with_capacity(body.len());
         ct_tag.extend_from_slice(ct);
         ct_tag.extend_from_slice(tag);
-        self.backend_call(backend.aes_gcm_decrypt(Self::material(&key, v), &iv, purpose.as_bytes(), &ct_tag)).await
+        self.backend_call(
+            backend.name(),
+            backend.aes_gcm_decrypt(Self::material(&key, v), &iv, purpose.as_bytes(), &ct_tag),
+        )
+        .await
     }
 
     // ---- checks ----------------------------------------------------------------------------------------
@@ -815,7 +871,7 @@ impl Dispatcher {
         let handle = if req.external {
             Vec::new()
         } else {
-            self.keygen_call(backend.generate(id, version_id, req.spec, usage)).await?
+            self.keygen_call(backend.name(), backend.generate(id, version_id, req.spec, usage)).await?
         };
         let now = Timestamp::now();
         let key = Key {
@@ -1026,8 +1082,9 @@ impl Dispatcher {
             let backend_name = current.primary()?.handle.backend.clone();
             let backend = self.inner.backends.get(&backend_name)?;
             let version_id = Uuid::new_v4();
-            let handle =
-                self.keygen_call(backend.generate(&current.id, version_id, current.spec, current.usage)).await?;
+            let handle = self
+                .keygen_call(backend.name(), backend.generate(&current.id, version_id, current.spec, current.usage))
+                .await?;
             let version = KeyVersion {
                 id: version_id,
                 created_at: Timestamp::now(),
@@ -1067,7 +1124,7 @@ impl Dispatcher {
                     for v in &key.versions {
                         if let Ok(backend) = self.inner.backends.get(&v.handle.backend)
                             && !v.handle.handle.is_empty()
-                            && let Err(e) = self.backend_call(backend.destroy(Self::material(&key, v))).await
+                            && let Err(e) = self.backend_call(backend.name(), backend.destroy(Self::material(&key, v))).await
                         {
                             // The key is gone from the inventory; an HSM object left behind is unreachable.
                             tracing::warn!(key = %key.id, version = %v.id, error = %e, "could not destroy key material");
@@ -1164,8 +1221,9 @@ impl Dispatcher {
                     Some(_) => return Err(Error::invalid("the IV must be 12 bytes")),
                     None => random_bytes(GCM_IV_LEN)?,
                 };
-                let mut out =
-                    self.backend_call(backend.aes_gcm_encrypt(material, &iv, &req.aad, &req.plaintext)).await?;
+                let mut out = self
+                    .backend_call(backend.name(), backend.aes_gcm_encrypt(material, &iv, &req.aad, &req.plaintext))
+                    .await?;
                 if out.len() < GCM_TAG_LEN {
                     return Err(Error::internal("the backend returned a short ciphertext"));
                 }
@@ -1179,6 +1237,40 @@ impl Dispatcher {
                     tag,
                 })
             }
+            EncryptionAlgorithm::AesCbc(padding) | EncryptionAlgorithm::AesEcb(padding) => {
+                let mode =
+                    if matches!(alg, EncryptionAlgorithm::AesCbc(_)) { AesBlockMode::Cbc } else { AesBlockMode::Ecb };
+                if !req.aad.is_empty() {
+                    return Err(Error::invalid("AES-CBC and AES-ECB take no additional data"));
+                }
+                self.check_sizes(req.plaintext.len(), 0)?;
+                if padding == BlockPadding::NoPadding
+                    && (req.plaintext.is_empty() || !req.plaintext.len().is_multiple_of(AES_BLOCK_LEN))
+                {
+                    return Err(Error::invalid("without padding the plaintext must be whole 16-byte blocks"));
+                }
+                let iv = match (mode, &req.iv) {
+                    (AesBlockMode::Cbc, Some(iv)) if iv.len() == AES_BLOCK_LEN => iv.clone(),
+                    (AesBlockMode::Cbc, Some(_)) => return Err(Error::invalid("the AES-CBC IV must be 16 bytes")),
+                    (AesBlockMode::Cbc, None) => random_bytes(AES_BLOCK_LEN)?,
+                    // ECB has no IV; one sent anyway is ignored, as the vendor protocols define it.
+                    (AesBlockMode::Ecb, _) => Vec::new(),
+                };
+                let ct = self
+                    .backend_call(
+                        backend.name(),
+                        backend.aes_block_encrypt(material, mode, padding, &iv, &req.plaintext),
+                    )
+                    .await?;
+                Ok(EncryptReply {
+                    key_id: key.id.clone(),
+                    version: version.id,
+                    algorithm: alg,
+                    iv,
+                    ciphertext: ct,
+                    tag: Vec::new(),
+                })
+            }
             EncryptionAlgorithm::RsaOaepSha256 => {
                 if !req.aad.is_empty() {
                     return Err(Error::invalid("RSA encryption takes no additional data"));
@@ -1190,7 +1282,7 @@ impl Dispatcher {
                 if req.plaintext.len() > max {
                     return Err(Error::invalid("the plaintext is too long for RSA-OAEP with this key"));
                 }
-                let ct = self.backend_call(backend.rsa_oaep_encrypt(material, &req.plaintext)).await?;
+                let ct = self.backend_call(backend.name(), backend.rsa_oaep_encrypt(material, &req.plaintext)).await?;
                 Ok(EncryptReply {
                     key_id: key.id.clone(),
                     version: version.id,
@@ -1230,10 +1322,33 @@ impl Dispatcher {
                     let mut ct = Vec::with_capacity(req.ciphertext.len() + GCM_TAG_LEN);
                     ct.extend_from_slice(&req.ciphertext);
                     ct.extend_from_slice(&req.tag);
-                    self.backend_call(backend.aes_gcm_decrypt(material, &req.iv, &req.aad, &ct)).await?
+                    self.backend_call(backend.name(), backend.aes_gcm_decrypt(material, &req.iv, &req.aad, &ct)).await?
+                }
+                EncryptionAlgorithm::AesCbc(padding) | EncryptionAlgorithm::AesEcb(padding) => {
+                    let cbc = matches!(alg, EncryptionAlgorithm::AesCbc(_));
+                    let mode = if cbc { AesBlockMode::Cbc } else { AesBlockMode::Ecb };
+                    if !req.aad.is_empty() {
+                        return Err(Error::invalid("AES-CBC and AES-ECB take no additional data"));
+                    }
+                    if cbc && req.iv.len() != AES_BLOCK_LEN {
+                        return Err(Error::invalid("the AES-CBC IV must be 16 bytes"));
+                    }
+                    let iv: &[u8] = if cbc { &req.iv } else { &[] };
+                    if !req.tag.is_empty()
+                        || req.ciphertext.is_empty()
+                        || !req.ciphertext.len().is_multiple_of(AES_BLOCK_LEN)
+                    {
+                        return Err(Error::invalid_ciphertext());
+                    }
+                    self.check_sizes(req.ciphertext.len(), 0)?;
+                    self.backend_call(
+                        backend.name(),
+                        backend.aes_block_decrypt(material, mode, padding, iv, &req.ciphertext),
+                    )
+                    .await?
                 }
                 EncryptionAlgorithm::RsaOaepSha256 => {
-                    self.backend_call(backend.rsa_oaep_decrypt(material, &req.ciphertext)).await?
+                    self.backend_call(backend.name(), backend.rsa_oaep_decrypt(material, &req.ciphertext)).await?
                 }
             };
             Ok(DecryptReply { key_id: key.id.clone(), version: version.id, plaintext })
@@ -1255,7 +1370,7 @@ impl Dispatcher {
             }
             let k = self.usable(caller, key, KeyUsage::Encrypt).await?;
             let backend = self.inner.backends.get(&k.primary()?.handle.backend)?;
-            let plaintext = Zeroizing::new(self.backend_call(backend.random(len)).await?);
+            let plaintext = Zeroizing::new(self.backend_call(backend.name(), backend.random(len)).await?);
             let req = EncryptRequest { key: KeyRef::Id(k.id.clone()), algorithm: None, plaintext, aad, iv: None };
             let encrypted = self.encrypt_inner(caller, &req).await?;
             Ok(DataKeyReply { plaintext: req.plaintext, encrypted })
@@ -1286,8 +1401,12 @@ impl Dispatcher {
                 Some(v) => key.version(v).ok_or_else(|| Error::invalid("the key has no such version"))?,
             };
             let backend = self.inner.backends.get(&version.handle.backend)?;
-            let signature =
-                self.backend_call(backend.sign_digest(Self::material(&key, version), req.algorithm, &digest)).await?;
+            let signature = self
+                .backend_call(
+                    backend.name(),
+                    backend.sign_digest(Self::material(&key, version), req.algorithm, &digest),
+                )
+                .await?;
             Ok(SignReply { key_id: key.id.clone(), version: version.id, signature })
         })
         .await
@@ -1308,8 +1427,11 @@ impl Dispatcher {
                 Some(v) => key.version(v).ok_or_else(|| Error::invalid("the key has no such version"))?,
             };
             let backend = self.inner.backends.get(&version.handle.backend)?;
-            self.backend_call(backend.verify_digest(Self::material(&key, version), req.algorithm, &digest, signature))
-                .await
+            self.backend_call(
+                backend.name(),
+                backend.verify_digest(Self::material(&key, version), req.algorithm, &digest, signature),
+            )
+            .await
         })
         .await
     }
@@ -1326,7 +1448,7 @@ impl Dispatcher {
                 Some(v) => k.version(v).ok_or_else(|| Error::invalid("the key has no such version"))?,
             };
             let backend = self.inner.backends.get(&v.handle.backend)?;
-            let der = self.backend_call(backend.public_key_der(Self::material(&k, v))).await?;
+            let der = self.backend_call(backend.name(), backend.public_key_der(Self::material(&k, v))).await?;
             Ok(PublicKeyReply { key_id: k.id.clone(), version: v.id, spec: k.spec, der })
         })
         .await
@@ -1339,7 +1461,7 @@ impl Dispatcher {
                 return Err(Error::invalid("the random length must be 1 to 1024 bytes"));
             }
             let backend = self.inner.backends.get(&self.inner.config.default_backend)?;
-            self.backend_call(backend.random(len)).await
+            self.backend_call(backend.name(), backend.random(len)).await
         })
         .await
     }
@@ -1349,7 +1471,7 @@ impl Dispatcher {
             let k = self.usable(caller, key, KeyUsage::GenerateMac).await?;
             let v = k.primary()?;
             let backend = self.inner.backends.get(&v.handle.backend)?;
-            let mac = self.backend_call(backend.hmac_sha256(Self::material(&k, v), data)).await?;
+            let mac = self.backend_call(backend.name(), backend.hmac_sha256(Self::material(&k, v), data)).await?;
             Ok((k.id.clone(), mac))
         })
         .await
@@ -1362,7 +1484,8 @@ impl Dispatcher {
             let mut ok = false;
             for v in &k.versions {
                 let backend = self.inner.backends.get(&v.handle.backend)?;
-                let expected = self.backend_call(backend.hmac_sha256(Self::material(&k, v), data)).await?;
+                let expected =
+                    self.backend_call(backend.name(), backend.hmac_sha256(Self::material(&k, v), data)).await?;
                 ok |= constant_time_eq(&expected, mac);
             }
             Ok(ok)

@@ -5,13 +5,17 @@ pub mod audit;
 pub mod backend;
 pub mod dispatcher;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod secret;
 pub mod store;
 
 pub use audit::{AuditEvent, AuditSink, Operation, Outcome};
-pub use backend::{EncryptionAlgorithm, HealthStatus, KeyBackend, KeyMaterialRef, MemberHealth, SigningAlgorithm};
+pub use backend::{
+    AesBlockMode, BlockPadding, EncryptionAlgorithm, HealthStatus, KeyBackend, KeyMaterialRef, MemberHealth,
+    SigningAlgorithm,
+};
 pub use dispatcher::{
     CreateKeyRequest, DataKeyReply, DecryptReply, DecryptRequest, Dispatcher, DispatcherConfig, EncryptReply,
     EncryptRequest, HealthReport, PublicKeyReply, SignInput, SignReply, SignRequest, constant_time_eq,

@@ -466,6 +466,30 @@ pub enum Frontend {
 }
 
 impl Frontend {
+    /// Every frontend, in declaration order: metrics index their series by it.
+    pub const ALL: &'static [Frontend] = &[
+        Frontend::Admin,
+        Frontend::Xks,
+        Frontend::AlibabaInstance,
+        Frontend::AlibabaOpenApi,
+        Frontend::Secrets,
+        Frontend::Grpc,
+        Frontend::KubernetesKms,
+    ];
+
+    /// The position in [`Frontend::ALL`] (exhaustive: a new frontend needs its place).
+    pub const fn index(self) -> usize {
+        match self {
+            Frontend::Admin => 0,
+            Frontend::Xks => 1,
+            Frontend::AlibabaInstance => 2,
+            Frontend::AlibabaOpenApi => 3,
+            Frontend::Secrets => 4,
+            Frontend::Grpc => 5,
+            Frontend::KubernetesKms => 6,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Frontend::Admin => "admin",

@@ -18,10 +18,10 @@ use aws_lc_rs::signature::{
     RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256, RSA_PSS_2048_8192_SHA256, RSA_PSS_SHA256, RsaEncoding, RsaKeyPair,
 };
 use aws_lc_rs::{hmac, rand};
-use kmsgate_core::backend::{GCM_IV_LEN, GCM_TAG_LEN};
+use kmsgate_core::backend::{AES_BLOCK_LEN, GCM_IV_LEN, GCM_TAG_LEN};
 use kmsgate_core::{
-    Error, ErrorKind, HealthStatus, KeyBackend, KeyId, KeyMaterialRef, KeySpec, KeyUsageSet, MemberHealth, Result,
-    SigningAlgorithm,
+    AesBlockMode, BlockPadding, Error, ErrorKind, HealthStatus, KeyBackend, KeyId, KeyMaterialRef, KeySpec,
+    KeyUsageSet, MemberHealth, Result, SigningAlgorithm,
 };
 use moka::sync::Cache;
 use uuid::Uuid;
@@ -360,6 +360,78 @@ fn aes_open(key: &LessSafeKey, iv: &[u8], aad: &[u8], ciphertext_and_tag: &[u8])
     Ok(buf)
 }
 
+/// AES-256-CBC/ECB, either direction, with aws-lc-rs. Decryption failures (a partial block, bad PKCS#7
+/// padding) are invalid ciphertexts.
+fn aes_block(
+    material: &[u8],
+    mode: AesBlockMode,
+    padding: BlockPadding,
+    iv: &[u8],
+    input: &[u8],
+    encrypt: bool,
+) -> Result<Zeroizing<Vec<u8>>> {
+    use aws_lc_rs::cipher::{
+        AES_256, DecryptingKey, DecryptionContext, EncryptingKey, EncryptionContext, PaddedBlockDecryptingKey,
+        PaddedBlockEncryptingKey, UnboundCipherKey,
+    };
+    use aws_lc_rs::iv::FixedLength;
+    let key = || UnboundCipherKey::new(&AES_256, material).map_err(crypto("preparing an AES key failed"));
+    let iv16 = || -> Result<[u8; AES_BLOCK_LEN]> {
+        iv.try_into().map_err(|_| Error::invalid("the AES-CBC IV must be 16 bytes"))
+    };
+    let whole_blocks = !input.is_empty() && input.len().is_multiple_of(AES_BLOCK_LEN);
+    let mut buf = Zeroizing::new(input.to_vec());
+    if encrypt {
+        if padding == BlockPadding::NoPadding && !whole_blocks {
+            return Err(Error::invalid("without padding the plaintext must be whole 16-byte blocks"));
+        }
+        let context = match mode {
+            AesBlockMode::Cbc => EncryptionContext::Iv128(FixedLength::from(iv16()?)),
+            AesBlockMode::Ecb => EncryptionContext::None,
+        };
+        let failed = crypto("AES block encryption failed");
+        match (mode, padding) {
+            (AesBlockMode::Cbc, BlockPadding::Pkcs7) => {
+                PaddedBlockEncryptingKey::cbc_pkcs7(key()?).and_then(|k| k.less_safe_encrypt(&mut *buf, context))
+            }
+            (AesBlockMode::Ecb, BlockPadding::Pkcs7) => {
+                PaddedBlockEncryptingKey::ecb_pkcs7(key()?).and_then(|k| k.less_safe_encrypt(&mut *buf, context))
+            }
+            (AesBlockMode::Cbc, BlockPadding::NoPadding) => {
+                EncryptingKey::cbc(key()?).and_then(|k| k.less_safe_encrypt(buf.as_mut_slice(), context))
+            }
+            (AesBlockMode::Ecb, BlockPadding::NoPadding) => {
+                EncryptingKey::ecb(key()?).and_then(|k| k.less_safe_encrypt(buf.as_mut_slice(), context))
+            }
+        }
+        .map_err(failed)?;
+        return Ok(buf);
+    }
+    if !whole_blocks {
+        return Err(Error::invalid_ciphertext());
+    }
+    let context = match mode {
+        AesBlockMode::Cbc => DecryptionContext::Iv128(FixedLength::from(iv16()?)),
+        AesBlockMode::Ecb => DecryptionContext::None,
+    };
+    let len = match (mode, padding) {
+        (AesBlockMode::Cbc, BlockPadding::Pkcs7) => PaddedBlockDecryptingKey::cbc_pkcs7(key()?)
+            .and_then(|k| k.decrypt(buf.as_mut_slice(), context).map(|p| p.len())),
+        (AesBlockMode::Ecb, BlockPadding::Pkcs7) => PaddedBlockDecryptingKey::ecb_pkcs7(key()?)
+            .and_then(|k| k.decrypt(buf.as_mut_slice(), context).map(|p| p.len())),
+        (AesBlockMode::Cbc, BlockPadding::NoPadding) => {
+            DecryptingKey::cbc(key()?).and_then(|k| k.decrypt(buf.as_mut_slice(), context).map(|p| p.len()))
+        }
+        (AesBlockMode::Ecb, BlockPadding::NoPadding) => {
+            DecryptingKey::ecb(key()?).and_then(|k| k.decrypt(buf.as_mut_slice(), context).map(|p| p.len()))
+        }
+    }
+    .map_err(|_| Error::invalid_ciphertext())?;
+    // Decryption is in place and the plaintext is a prefix of the buffer.
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// Test case 14 of the GCM specification (McGrew and Viega): AES-256, zero key and IV, one zero block. Catches a
 /// miscompiled or mislinked cipher that a round trip alone would not (an identity "cipher" round-trips).
 fn aes_gcm_known_answer() -> Result<()> {
@@ -502,6 +574,38 @@ impl KeyBackend for SoftwareBackend {
             aes_open(k, &iv, &aad, &ciphertext)
         })
         .await
+    }
+
+    async fn aes_block_encrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        if key.spec != KeySpec::Aes256 {
+            return Err(wrong_spec(key.spec, "AES block encryption"));
+        }
+        // The prepared-key cache holds GCM schedules only; these rarely used modes unwrap the material per call
+        // (payloads are a few KB at most, so the work stays inline).
+        let material = handle::unwrap(&self.inner.kek, &key)?;
+        aes_block(&material, mode, padding, iv, plaintext, true).map(|out| out.to_vec())
+    }
+
+    async fn aes_block_decrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if key.spec != KeySpec::Aes256 {
+            return Err(wrong_spec(key.spec, "AES block decryption"));
+        }
+        let material = handle::unwrap(&self.inner.kek, &key)?;
+        aes_block(&material, mode, padding, iv, ciphertext, false)
     }
 
     async fn rsa_oaep_encrypt(&self, key: KeyMaterialRef<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {

@@ -937,3 +937,41 @@ async fn recovery(dir: PathBuf) {
     assert!(status.pool.recoveries >= 2, "{:?}", status.pool);
     assert_eq!(status.health.status, HealthStatus::Active);
 }
+
+/// CKM_AES_CBC_PAD, CKM_AES_CBC and CKM_AES_ECB (PKCS#7 for ECB done by the backend) give exactly what the
+/// software backend gives for the same key material, in both directions; bad padding is an invalid ciphertext.
+#[tokio::test(flavor = "multi_thread")]
+async fn aes_cbc_and_ecb_equal_the_software_backend_for_an_imported_key() {
+    use kmsgate_core::{AesBlockMode, BlockPadding};
+    let b = backend().await;
+    let soft = kmsgate_hsm::SoftwareBackend::new("software", kmsgate_hsm::Kek::generate().unwrap());
+    let material = random_bytes::<32>();
+    let k = import(&b, KeySpec::Aes256, &material).await.expect("import");
+    let (sid, sversion) = (KeyId::generate(), Uuid::new_v4());
+    let shandle = soft.import(&sid, sversion, KeySpec::Aes256, KeyUsageSet::NONE, &material).await.unwrap();
+    let s = KeyMaterialRef { key_id: &sid, version: sversion, spec: KeySpec::Aes256, handle: &shandle };
+    let iv = random_bytes::<16>();
+    for (mode, padding, iv, plaintext) in [
+        (AesBlockMode::Cbc, BlockPadding::Pkcs7, &iv[..], &b"not a whole block"[..]),
+        (AesBlockMode::Cbc, BlockPadding::Pkcs7, &iv[..], &[7u8; 32][..]),
+        (AesBlockMode::Cbc, BlockPadding::NoPadding, &iv[..], &[9u8; 48][..]),
+        (AesBlockMode::Ecb, BlockPadding::Pkcs7, &[][..], &b"twenty-one bytes here"[..]),
+        (AesBlockMode::Ecb, BlockPadding::NoPadding, &[][..], &[5u8; 32][..]),
+    ] {
+        let hsm = b.aes_block_encrypt(k.r(), mode, padding, iv, plaintext).await.expect("HSM encrypt");
+        let sw = soft.aes_block_encrypt(s, mode, padding, iv, plaintext).await.unwrap();
+        assert_eq!(hsm, sw, "{mode:?} {padding:?}");
+        let opened = b.aes_block_decrypt(k.r(), mode, padding, iv, &sw).await.expect("HSM decrypt");
+        assert_eq!(opened.as_slice(), plaintext, "{mode:?} {padding:?}");
+    }
+    // A whole-block plaintext whose last byte is not valid padding.
+    let raw = b.aes_block_encrypt(k.r(), AesBlockMode::Cbc, BlockPadding::NoPadding, &iv, &[0x41; 16]).await.unwrap();
+    let e = b.aes_block_decrypt(k.r(), AesBlockMode::Cbc, BlockPadding::Pkcs7, &iv, &raw).await;
+    assert_eq!(kind(e), ErrorKind::InvalidCiphertext);
+    let raw = b.aes_block_encrypt(k.r(), AesBlockMode::Ecb, BlockPadding::NoPadding, &[], &[0x41; 16]).await.unwrap();
+    let e = b.aes_block_decrypt(k.r(), AesBlockMode::Ecb, BlockPadding::Pkcs7, &[], &raw).await;
+    assert_eq!(kind(e), ErrorKind::InvalidCiphertext);
+    // Without padding, a partial block is refused before the HSM is asked.
+    let e = b.aes_block_encrypt(k.r(), AesBlockMode::Ecb, BlockPadding::NoPadding, &[], b"short").await;
+    assert_eq!(kind(e), ErrorKind::InvalidRequest);
+}

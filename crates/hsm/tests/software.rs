@@ -673,3 +673,54 @@ async fn concurrent_calls_share_one_prepared_key() {
     }
     assert_eq!(b.cached_keys(), 2);
 }
+
+/// NIST SP 800-38A F.2.5 (CBC-AES256) and F.1.5 (ECB-AES256), then the padded modes and their failures.
+#[tokio::test]
+async fn aes_cbc_and_ecb_match_the_nist_vectors_and_pad_with_pkcs7() {
+    use kmsgate_core::{AesBlockMode, BlockPadding};
+    let b = backend();
+    let k = import(&b, KeySpec::Aes256, &unhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4"))
+        .await
+        .unwrap();
+    let iv = unhex("000102030405060708090a0b0c0d0e0f");
+    let pt = unhex(
+        "6bc1bee22e409f96e93d7e117393172a ae2d8a571e03ac9c9eb76fac45af8e51
+         30c81c46a35ce411e5fbc1191a0a52ef f69f2445df4f9b17ad2b417be66c3710",
+    );
+    let cbc = unhex(
+        "f58c4c04d6e5f1ba779eabfb5f7bfbd6 9cfc4e967edb808d679f777bc6702c7d
+         39f23369a9d9bacfa530e26304231461 b2eb05e2c39be9fcda6c19078c6a9d1b",
+    );
+    let ecb = unhex(
+        "f3eed1bdb5d2a03c064b5a7e3db181f8 591ccb10d410ed26dc5ba74a31362870
+         b6ed21b99ca6f4f9f153e7b1beafed1d 23304b7a39f9f3ff067d8d8f9e24ecc7",
+    );
+    let (cbc_mode, ecb_mode, none, pkcs7) =
+        (AesBlockMode::Cbc, AesBlockMode::Ecb, BlockPadding::NoPadding, BlockPadding::Pkcs7);
+    assert_eq!(b.aes_block_encrypt(k.r(), cbc_mode, none, &iv, &pt).await.unwrap(), cbc);
+    assert_eq!(b.aes_block_decrypt(k.r(), cbc_mode, none, &iv, &cbc).await.unwrap().as_slice(), pt);
+    assert_eq!(b.aes_block_encrypt(k.r(), ecb_mode, none, &[], &pt).await.unwrap(), ecb);
+    assert_eq!(b.aes_block_decrypt(k.r(), ecb_mode, none, &[], &ecb).await.unwrap().as_slice(), pt);
+
+    // PKCS#7 adds a whole block to whole blocks; the first blocks are unchanged.
+    let padded = b.aes_block_encrypt(k.r(), cbc_mode, pkcs7, &iv, &pt).await.unwrap();
+    assert_eq!((padded.len(), &padded[..64]), (80, &cbc[..]));
+    assert_eq!(b.aes_block_decrypt(k.r(), cbc_mode, pkcs7, &iv, &padded).await.unwrap().as_slice(), pt);
+    let padded = b.aes_block_encrypt(k.r(), ecb_mode, pkcs7, &[], &pt[..20]).await.unwrap();
+    assert_eq!((padded.len(), &padded[..16]), (32, &ecb[..16]));
+    assert_eq!(b.aes_block_decrypt(k.r(), ecb_mode, pkcs7, &[], &padded).await.unwrap().as_slice(), &pt[..20]);
+
+    // Bad padding, partial blocks and a wrong IV length.
+    assert_eq!(kind(b.aes_block_decrypt(k.r(), cbc_mode, pkcs7, &iv, &cbc).await), Some(ErrorKind::InvalidCiphertext));
+    assert_eq!(
+        kind(b.aes_block_decrypt(k.r(), ecb_mode, none, &[], &ecb[..20]).await),
+        Some(ErrorKind::InvalidCiphertext)
+    );
+    assert_eq!(kind(b.aes_block_encrypt(k.r(), ecb_mode, none, &[], &pt[..20]).await), Some(ErrorKind::InvalidRequest));
+    assert_eq!(
+        kind(b.aes_block_encrypt(k.r(), cbc_mode, pkcs7, &iv[..12], &pt).await),
+        Some(ErrorKind::InvalidRequest)
+    );
+    let hmac = generate(&b, KeySpec::Hmac256).await;
+    assert_eq!(kind(b.aes_block_encrypt(hmac.r(), ecb_mode, pkcs7, &[], &pt).await), Some(ErrorKind::InvalidKeyUsage));
+}

@@ -22,26 +22,46 @@ pub enum AlibabaCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientKeysCommand {
-    /// Issue a ClientKey for an identity of the tenant (--tenant) and write its private key (PKCS#8 PEM, mode
-    /// 0600) into --out-dir; the gateway keeps only the public half.
+    /// Issue a ClientKey for an identity of the tenant (--tenant) and write, mode 0600, into --out-dir: the
+    /// vendor's `clientKey_<id>.json` (PKCS#12) with `clientKey_<id>_Password.txt`, and the same key as
+    /// `clientKey_<id>_PrivateKey.pem` (PKCS#1). The gateway keeps only the public half.
     Create {
         /// The identity requests signed with this key act as (policies and audit name it).
         #[arg(long)]
         identity: String,
-        /// Directory for `clientKey_<id>_PrivateKey.pem` (default: the current directory).
+        /// Directory for the key files (default: the current directory).
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
         #[arg(long, default_value = "")]
         description: String,
+        /// Requests per second this ClientKey may make (default: alibaba.client_key_qps).
+        #[arg(long)]
+        qps: Option<u32>,
     },
     /// List the tenant's ClientKeys (never key material).
     List,
     /// Revoke a ClientKey: servers refuse it within their change-poll interval.
     Revoke { id: String },
+    /// Give a ClientKey its own requests-per-second limit, or `default` for alibaba.client_key_qps; servers
+    /// apply it within their change-poll interval.
+    SetQps {
+        id: String,
+        /// A number of requests per second (at least 1), or `default`.
+        qps: String,
+    },
 }
 
 pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     let AlibabaCommand::ClientKeys(cmd) = cmd;
+    // Bad input is reported before the store is opened.
+    let set_qps = match &cmd {
+        ClientKeysCommand::SetQps { qps, .. } if qps == "default" => Some(None),
+        ClientKeysCommand::SetQps { qps, .. } => match qps.parse::<u32>() {
+            Ok(n) if n > 0 => Some(Some(n)),
+            _ => anyhow::bail!("qps: expected a number of requests per second (at least 1) or `default`"),
+        },
+        _ => None,
+    };
     if let ClientKeysCommand::Create { out_dir, .. } = &cmd
         && !out_dir.is_dir()
     {
@@ -51,26 +71,36 @@ pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow:
     let caller = app.admin();
     let d = &app.dispatcher;
     match cmd {
-        ClientKeysCommand::Create { identity, out_dir, description } => {
-            let key = clientkey::create(d, &caller, &identity, &description).await.map_err(core_err)?;
-            let path = out_dir.join(format!("clientKey_{}_PrivateKey.pem", key.id));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-            f.write_all(key.private_key_pem().map_err(core_err)?.as_bytes())?;
-            f.sync_all()?;
+        ClientKeysCommand::Create { identity, out_dir, description, qps } => {
+            if qps == Some(0) {
+                anyhow::bail!("--qps must be at least 1");
+            }
+            let key = clientkey::create_with(d, &caller, &identity, &description, qps).await.map_err(core_err)?;
+            // Everything is encoded before the first file is written, so a failure leaves no partial set.
+            let files = key.client_key_files().map_err(core_err)?;
+            let pem = key.private_key_pem().map_err(core_err)?;
+            let (json_name, password_name) = kmsgate_alibaba::pkcs12::file_names(&key.id);
+            let json_path = out_dir.join(json_name);
+            let password_path = out_dir.join(password_name);
+            let pem_path = out_dir.join(format!("clientKey_{}_PrivateKey.pem", key.id));
+            write_private(&json_path, files.json.as_bytes())?;
+            write_private(&password_path, files.password.as_bytes())?;
+            write_private(&pem_path, pem.as_bytes())?;
             if json_out {
                 println!(
                     "{}",
-                    json!({ "id": key.id, "tenant": app.tenant, "identity": identity, "private_key_file": path })
+                    json!({
+                        "id": key.id, "tenant": app.tenant, "identity": identity, "qps": qps,
+                        "client_key_file": json_path, "password_file": password_path, "private_key_file": pem_path,
+                    })
                 );
             } else {
                 println!("issued ClientKey {} for {identity} in tenant {}", key.id, app.tenant);
-                println!("  private key: {} (mode 0600; the gateway does not keep it)", path.display());
-                println!("  SDK config: access_key_id={} private_key=<contents of that file>", key.id);
+                println!("  client key file: {}", json_path.display());
+                println!("  password file:   {}", password_path.display());
+                println!("  private key PEM: {}", pem_path.display());
+                println!("  (mode 0600; the gateway does not keep the private key)");
+                println!("  SDK config: client_key_file=<client key file> password=<contents of the password file>");
             }
         }
         ClientKeysCommand::List => {
@@ -78,10 +108,23 @@ pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow:
             if json_out {
                 println!("{}", json!({ "client_keys": list }));
             } else {
-                println!("{:<45}  {:<24}  {:<8}  CREATED", "ID", "IDENTITY", "STATE");
+                println!("{:<45}  {:<24}  {:<8}  {:<7}  CREATED", "ID", "IDENTITY", "STATE", "QPS");
                 for k in &list {
                     let state = if k.revoked { "revoked" } else { "active" };
-                    println!("{:<45}  {:<24}  {:<8}  {}", k.id, k.identity, state, k.created_at);
+                    let qps = k.qps.map_or_else(|| "default".to_owned(), |q| q.to_string());
+                    println!("{:<45}  {:<24}  {:<8}  {:<7}  {}", k.id, k.identity, state, qps, k.created_at);
+                }
+            }
+        }
+        ClientKeysCommand::SetQps { id, .. } => {
+            let qps = set_qps.flatten();
+            clientkey::set_qps(d, &caller, &id, qps).await.map_err(core_err)?;
+            if json_out {
+                println!("{}", json!({ "id": id, "qps": qps }));
+            } else {
+                match qps {
+                    Some(n) => println!("ClientKey {id} is limited to {n} requests per second"),
+                    None => println!("ClientKey {id} follows alibaba.client_key_qps"),
                 }
             }
         }
@@ -95,4 +138,17 @@ pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow:
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates `path` with mode 0600 (never overwriting) and makes its contents durable.
+fn write_private(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
 }

@@ -27,6 +27,8 @@ pub struct App {
     pub tenant: TenantId,
     /// The PKCS#11 fleet members (also registered in the dispatcher), for `kmsgate hsm` and key adoption.
     pub pkcs11: Vec<Arc<Pkcs11Backend>>,
+    /// The process's metrics (served on the admin listener's `/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl App {
@@ -38,7 +40,8 @@ impl App {
     pub async fn open(config: Config) -> anyhow::Result<(App, Bootstrap)> {
         let mut boot = Bootstrap::default();
         let uses_data_dir = config.store.url.is_empty()
-            || (config.backend.software.kek_file.is_none() && config.backend.software.kek_env.is_none());
+            || (config.backend.software.kek_file.is_none() && config.backend.software.kek_env.is_none())
+            || (config.audit.destination == crate::config::AuditDestination::File && config.audit.path.is_none());
         if uses_data_dir && !config.data_dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -83,13 +86,24 @@ impl App {
             (config.limits.max_secrets_per_tenant > 0).then_some(config.limits.max_secrets_per_tenant);
         dcfg.max_secret_bytes = config.limits.max_secret_bytes;
         let mut builder = Dispatcher::builder(store).backend(Arc::new(software));
+        match config.audit.destination {
+            crate::config::AuditDestination::Log => {}
+            crate::config::AuditDestination::File => {
+                let sink = crate::audit_log::ChainSink::open(crate::audit_log::Destination::File(config.audit_file()))?;
+                builder = builder.audit(sink);
+            }
+            crate::config::AuditDestination::Stdout => {
+                builder = builder.audit(crate::audit_log::ChainSink::open(crate::audit_log::Destination::Stdout)?);
+            }
+        }
         for member in &pkcs11 {
             builder = builder.backend(member.clone());
         }
         let dispatcher = builder.config(dcfg).build().await.map_err(core_err).context("cannot start the dispatcher")?;
         let tenant = TenantId::parse(&config.default_tenant).map_err(core_err)?;
         dispatcher.ensure_tenant(&tenant).await.map_err(core_err).context("cannot create the default tenant")?;
-        Ok((App { config: Arc::new(config), dispatcher, tenant, pkcs11 }, boot))
+        let metrics = Arc::new(crate::metrics::Metrics::new(&dispatcher, pkcs11.clone()));
+        Ok((App { config: Arc::new(config), dispatcher, tenant, pkcs11, metrics }, boot))
     }
 
     /// The local administrator of the default tenant.

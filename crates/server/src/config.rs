@@ -25,11 +25,17 @@ pub struct Config {
     /// Tenant that the CLI and frontends without tenant mapping use.
     pub default_tenant: String,
     pub server: ServerConfig,
+    /// The admin listener: probes and metrics, apart from the data listeners.
+    #[serde(default)]
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub store: StoreConfig,
     pub backend: BackendConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    /// Where audit records go (docs/deployment.md#audit-log).
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The AWS KMS External Key Store proxy API (docs/xks.md).
     #[serde(default)]
     pub xks: kmsgate_xks::XksConfig,
@@ -56,6 +62,25 @@ pub struct ServerConfig {
     pub purge_interval_secs: u64,
     /// Largest request body accepted by any frontend, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// The admin listener serves `/healthz`, `/readyz` and `/metrics` on an address of its own, so probes and
+/// scrapes never share a port (or a network policy) with callers of the data APIs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin listener at all.
+    pub enabled: bool,
+    /// Its address; loopback by default, `0.0.0.0:8081` in a container so the kubelet and Prometheus reach it.
+    pub bind: SocketAddr,
+    /// TLS for the admin listener; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8081)), tls: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,6 +123,11 @@ pub struct StoreConfig {
     pub password_file: Option<PathBuf>,
     /// PostgreSQL: environment variable holding the password.
     pub password_env: Option<String>,
+    /// PostgreSQL: TLS mode (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`); unset: the URL's
+    /// `sslmode`, else `prefer`.
+    pub ssl_mode: Option<String>,
+    /// PostgreSQL: PEM file of the CA(s) that signed the server's certificate (`verify-ca`/`verify-full`).
+    pub ssl_root_cert: Option<PathBuf>,
     /// Pooled connections per process.
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before the dependency-timeout error.
@@ -114,6 +144,8 @@ impl Default for StoreConfig {
             url: String::new(),
             password_file: None,
             password_env: None,
+            ssl_mode: None,
+            ssl_root_cert: None,
             max_connections: 8,
             acquire_timeout_ms: 2000,
             statement_timeout_ms: 5000,
@@ -176,11 +208,13 @@ impl Default for Config {
             data_dir: PathBuf::from("./kmsgate-data"),
             default_tenant: "default".to_owned(),
             server: ServerConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
             store: StoreConfig::default(),
             backend: BackendConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
             secrets: kmsgate_secrets::SecretsConfig::default(),
@@ -242,6 +276,32 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDestination {
+    /// A `tracing` event on the `audit` target, in the process log (no hash chain).
+    Log,
+    /// Hash-chained JSON lines appended to `audit.path`.
+    File,
+    /// Hash-chained JSON lines on standard output (a chain per process start).
+    Stdout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub destination: AuditDestination,
+    /// With `file`: the log file; empty means `<data_dir>/audit.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { destination: AuditDestination::Log, path: None }
+    }
+}
+
 /// Where the configuration came from, for the start-up banner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -271,7 +331,7 @@ impl Config {
         Ok((config, source))
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
         self.secrets.validate().map_err(anyhow::Error::msg)?;
@@ -283,11 +343,22 @@ impl Config {
         if self.backend.deadline_ms == 0 {
             bail!("backend.deadline_ms must be positive");
         }
+        if self.admin.enabled && self.admin.bind == self.server.bind && self.admin.bind.port() != 0 {
+            bail!(
+                "admin.bind and server.bind are the same address {}; give the admin listener its own",
+                self.admin.bind
+            );
+        }
         if self.server.change_poll_ms == 0 {
             bail!("server.change_poll_ms must be positive");
         }
         if self.store.password_file.is_some() && self.store.password_env.is_some() {
             bail!("set only one of store.password_file and store.password_env");
+        }
+        if let Some(mode) = &self.store.ssl_mode
+            && !SSL_MODES.contains(&mode.as_str())
+        {
+            bail!("store.ssl_mode must be one of {}", SSL_MODES.join(", "));
         }
         if self.backend.software.kek_file.is_some() && self.backend.software.kek_env.is_some() {
             bail!("set only one of backend.software.kek_file and backend.software.kek_env");
@@ -351,6 +422,17 @@ impl Config {
             (Some(_), None) => bail!("store.url needs a user (postgres://USER@HOST/DB) to go with the password"),
             (None, _) => out.push_str(rest),
         }
+        for (name, value) in [
+            ("sslmode", self.store.ssl_mode.clone()),
+            ("sslrootcert", self.store.ssl_root_cert.as_ref().map(|p| p.display().to_string())),
+        ] {
+            let Some(value) = value else { continue };
+            if has_param(&out, name) {
+                bail!("store.url already sets {name}; drop it from the URL or from the store settings");
+            }
+            let sep = if out.contains('?') { '&' } else { '?' };
+            out.push_str(&format!("{sep}{name}={}", percent_encode(&value)));
+        }
         if self.store.statement_timeout_ms > 0 {
             let setting = format!("-c%20statement_timeout%3D{}", self.store.statement_timeout_ms);
             // libpq takes one `options` parameter: extend an existing one (e.g. a search_path) instead.
@@ -365,9 +447,21 @@ impl Config {
         Ok(out)
     }
 
+    pub fn audit_file(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+
     pub fn kek_file(&self) -> PathBuf {
         self.backend.software.kek_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
     }
+}
+
+/// PostgreSQL's `sslmode` values that sqlx implements.
+const SSL_MODES: &[&str] = &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+
+/// Whether the URL's query has parameter `name`.
+fn has_param(url: &str, name: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.split('=').next() == Some(name)))
 }
 
 /// Userinfo encoding of RFC 3986: everything but unreserved characters.
@@ -391,6 +485,8 @@ mod tests {
     fn defaults_are_the_embedded_default() {
         let c = Config::default();
         assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.bind.to_string(), "127.0.0.1:8081");
         assert!(c.store_url().ends_with("kmsgate-data/kmsgate.db"));
         assert_eq!(c.kek_file(), PathBuf::from("./kmsgate-data/kek"));
     }
@@ -408,6 +504,28 @@ mod tests {
         let err = Config::load(Some(&p)).unwrap_err();
         assert!(format!("{err:#}").contains("bnd"), "{err:#}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn admin_listener_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[admin]\nbind = \"0.0.0.0:9464\"\n[audit]\ndestination = \"file\"\n").unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.admin.bind.to_string(), "0.0.0.0:9464");
+        assert_eq!(c.audit.destination, AuditDestination::File);
+        assert_eq!(c.audit_file(), PathBuf::from("./kmsgate-data/audit.log"));
+        std::fs::write(&p, "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nbind = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err();
+        assert!(format!("{err:#}").contains("admin.bind"), "{err:#}");
+        std::fs::write(
+            &p,
+            "[server]\nbind = \"127.0.0.1:9000\"\n[admin]\nenabled = false\nbind = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&p)).is_ok(), "a disabled admin listener binds nothing");
+        std::fs::write(&p, "[admin]\nport = 1\n").unwrap();
+        assert!(Config::load(Some(&p)).is_err());
     }
 
     #[test]
@@ -466,5 +584,27 @@ mod tests {
         assert!(c.store_connect_url().is_err());
         c.store.url = "sqlite:///tmp/x.db".into();
         assert_eq!(c.store_connect_url().unwrap(), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn postgres_tls_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(
+            &p,
+            "[store]\nurl = \"postgres://kms@db.internal/kms\"\nssl_mode = \"verify-full\"\n\
+             ssl_root_cert = \"/etc/kmsgate/db ca.pem\"\nstatement_timeout_ms = 0\n",
+        )
+        .unwrap();
+        let (c, _) = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.store_connect_url().unwrap(),
+            "postgres://kms@db.internal/kms?sslmode=verify-full&sslrootcert=%2Fetc%2Fkmsgate%2Fdb%20ca.pem"
+        );
+        let mut twice = c.clone();
+        twice.store.url = "postgres://kms@db.internal/kms?sslmode=require".into();
+        assert!(format!("{:#}", twice.store_connect_url().unwrap_err()).contains("sslmode"));
+        std::fs::write(&p, "[store]\nssl_mode = \"verify_full\"\n").unwrap();
+        assert!(format!("{:#}", Config::load(Some(&p)).unwrap_err()).contains("store.ssl_mode"));
     }
 }

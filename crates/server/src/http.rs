@@ -41,16 +41,21 @@ pub struct RequestId(pub String);
 
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// The admin and probe routes every data listener serves.
+/// The probe routes every data listener also serves (the admin listener has its own, see `admin`).
 pub fn health_routes(dispatcher: Dispatcher) -> Router {
     Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(dispatcher)
 }
 
-async fn healthz() -> Response {
+pub async fn healthz() -> Response {
     (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
 }
 
 async fn readyz(State(d): State<Dispatcher>) -> Response {
+    readiness(&d).await
+}
+
+/// The readiness answer: 200 when the store and at least one backend work, 503 otherwise, with the detail.
+pub async fn readiness(d: &Dispatcher) -> Response {
     let report = d.readiness().await;
     let status = if report.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({

@@ -3,12 +3,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod alibaba_cli;
 pub mod app;
+pub mod audit_cli;
+pub mod audit_log;
 pub mod cli;
 pub mod config;
 pub mod hsm_cli;
 pub mod http;
+pub mod metrics;
 pub mod mtls;
 pub mod secrets_cli;
 pub mod serve;

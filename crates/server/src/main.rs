@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kmsgate::{alibaba_cli, cli, config, hsm_cli, secrets_cli, serve, store_cli, xks_cli};
+use kmsgate::{alibaba_cli, audit_cli, audit_log, cli, config, hsm_cli, secrets_cli, serve, store_cli, xks_cli};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
@@ -53,6 +53,9 @@ enum Command {
     /// Move an installation between stores.
     #[command(subcommand)]
     Store(store_cli::StoreCommand),
+    /// Check the audit log.
+    #[command(subcommand)]
+    Audit(audit_cli::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(args));
+    // Audit records are written by a thread of their own: wait for the last ones before exiting.
+    audit_log::flush_all(std::time::Duration::from_secs(10));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -91,5 +96,6 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Secrets(cmd) => secrets_cli::run(config, cmd, args.json).await,
         Command::Hsm(cmd) => hsm_cli::run(config, cmd, args.json).await,
         Command::Store(cmd) => store_cli::run(config, cmd, args.json).await,
+        Command::Audit(cmd) => audit_cli::run(&config, cmd, args.json),
     }
 }

@@ -1,6 +1,8 @@
 //! `kmsgate serve`: logging, listeners, background tasks, graceful shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,6 +23,9 @@ pub struct ServeArgs {
     /// Address of the main listener (overrides server.bind).
     #[arg(long)]
     bind: Option<SocketAddr>,
+    /// Address of the admin listener: probes and metrics (overrides admin.bind).
+    #[arg(long)]
+    admin_bind: Option<SocketAddr>,
     /// Log format: text or json (overrides log.format).
     #[arg(long, value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -49,6 +54,7 @@ pub fn router(app: &App) -> Router {
         .merge(kmsgate_secrets::router(app.dispatcher.clone(), app.config.secrets.clone(), app.tenant.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(app.config.server.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track))
         .layer(axum::middleware::from_fn(http::request_context))
 }
 
@@ -61,6 +67,11 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     if let Some(b) = args.bind {
         config.server.bind = b;
     }
+    if let Some(b) = args.admin_bind {
+        config.admin.bind = b;
+    }
+    // Flags override what `Config::load` validated: check again.
+    config.validate()?;
     if let Some(f) = args.log_format {
         config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Text };
     }
@@ -71,28 +82,71 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     let listener =
         TcpListener::bind(cfg.server.bind).await.with_context(|| format!("cannot listen on {}", cfg.server.bind))?;
     let local = listener.local_addr()?;
+    if let Some(t) = &cfg.server.tls {
+        app.metrics.watch_certificate("main", &t.cert)?;
+    }
+    if let Some(t) = cfg.admin.tls.as_ref().filter(|_| cfg.admin.enabled) {
+        app.metrics.watch_certificate("admin", &t.cert)?;
+    }
+    let admin = match cfg.admin.enabled {
+        true => {
+            let tls = cfg.admin.tls.as_ref().map(http::tls_config).transpose()?;
+            let listener = TcpListener::bind(cfg.admin.bind)
+                .await
+                .with_context(|| format!("cannot listen on {} (admin.bind)", cfg.admin.bind))?;
+            let addr = listener.local_addr()?;
+            Some((listener, tls, addr))
+        }
+        false => None,
+    };
 
     if source == Source::EmbeddedDefault && cfg.secrets.enabled {
         crate::secrets_cli::first_start(&app).await?;
     }
-    print_banner(&app, &source, &boot, local, tls.is_some());
+    print_banner(&app, &source, &boot, local, tls.is_some(), admin.as_ref().map(|(_, t, a)| (*a, t.is_some())));
     tracing::info!(bind = %local, tls = tls.is_some(), "kmsgate listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_background(&app, stop_rx.clone());
 
+    // The admin listener outlives the data listener's drain: readiness reports "draining" meanwhile, and
+    // liveness keeps answering so the orchestrator does not kill a process that is finishing its requests.
+    let draining = Arc::new(AtomicBool::new(false));
+    let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
+    let admin_task = admin.map(|(listener, tls, addr)| {
+        tracing::info!(bind = %addr, tls = tls.is_some(), "admin listener");
+        let router = crate::admin::router(&app, draining.clone());
+        let stop = async move {
+            let _ = admin_stop_rx.changed().await;
+        };
+        tokio::spawn(http::serve(listener, tls, router, stop, Duration::from_secs(1)))
+    });
+
     let shutdown = async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
+        draining.store(true, Ordering::Release);
         let _ = stop_tx.send(true);
     };
-    http::serve(listener, tls, router(&app), shutdown, Duration::from_secs(cfg.server.shutdown_grace_secs)).await?;
+    let served =
+        http::serve(listener, tls, router(&app), shutdown, Duration::from_secs(cfg.server.shutdown_grace_secs)).await;
+    let _ = admin_stop_tx.send(true);
+    if let Some(task) = admin_task {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the admin listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the admin listener task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    served?;
     tracing::info!("kmsgate stopped");
     Ok(())
 }
 
 /// How often a replica records that it is alive; `live_replicas` windows are a few of these.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How often the store-backed gauges (replicas, credential ages) are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(15);
 /// How long change-feed entries are kept: far longer than any poll interval or cache TTL.
 const CHANGE_RETENTION: Duration = Duration::from_secs(3600);
 
@@ -141,6 +195,22 @@ fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
                     Err(e) => tracing::warn!(error = %e, "cannot prune the change feed"),
                 },
                 _ = stop3.changed() => return,
+            }
+        }
+    });
+    // Gauges that need the store (replica count, credential ages) are refreshed here, not per scrape.
+    let d = app.dispatcher.clone();
+    let metrics = app.metrics.clone();
+    let mut stop4 = stop.clone();
+    tokio::spawn(async move {
+        // First a second after start, so this replica's own first heartbeat is counted.
+        let first = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(first, METRICS_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => metrics.refresh(&d, kmsgate_xks::health::REPLICA_WINDOW).await,
+                _ = stop4.changed() => return,
             }
         }
     });
@@ -193,7 +263,14 @@ async fn wait_for_signal() {
     }
 }
 
-fn print_banner(app: &App, source: &Source, boot: &crate::app::Bootstrap, local: SocketAddr, tls: bool) {
+fn print_banner(
+    app: &App,
+    source: &Source,
+    boot: &crate::app::Bootstrap,
+    local: SocketAddr,
+    tls: bool,
+    admin: Option<(SocketAddr, bool)>,
+) {
     let cfg = &app.config;
     let scheme = if tls { "https" } else { "http" };
     let origin = match source {
@@ -209,8 +286,17 @@ fn print_banner(app: &App, source: &Source, boot: &crate::app::Bootstrap, local:
     println!("  store:     {}", crate::app::redact_url(&cfg.store_url()));
     println!("  keys:      software backend `{}`, root key {kek}", cfg.backend.software.name);
     println!("  tenant:    {}", app.tenant);
+    // The admin line comes first: scripts (and the tests) read the banner up to the `listening:` line.
+    if let Some((addr, admin_tls)) = admin {
+        let scheme = if admin_tls { "https" } else { "http" };
+        println!("  admin:     {scheme}://{addr}  (/healthz /readyz /metrics)");
+    }
     println!("  listening: {scheme}://{local}{}", if tls { "" } else { "  (plain HTTP: local use only)" });
-    println!("  try:       curl {scheme}://{local}/readyz");
+    let probe = match admin {
+        Some((addr, admin_tls)) => format!("{}://{addr}/readyz", if admin_tls { "https" } else { "http" }),
+        None => format!("{scheme}://{local}/readyz"),
+    };
+    println!("  try:       curl {probe}");
     println!("             kmsgate keys create --spec AES_256 --alias alias/demo   (in another terminal)");
     println!("  stop:      Ctrl-C (in-flight requests drain for {} s)", cfg.server.shutdown_grace_secs);
 }

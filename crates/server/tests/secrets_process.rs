@@ -44,7 +44,9 @@ fn kmsgate(cwd: &Path) -> Command {
 
 fn start(cwd: &Path, log: &Path, envs: &[(&str, &str)]) -> Server {
     let mut cmd = kmsgate(cwd);
-    cmd.args(["serve", "--bind", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(std::fs::File::create(log).unwrap());
+    cmd.args(["serve", "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap());
     for (k, v) in envs {
         cmd.env(k, v);
     }

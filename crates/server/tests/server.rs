@@ -31,6 +31,8 @@ impl Drop for Server {
 fn kmsgate(cwd: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.current_dir(cwd).env_remove("KMSGATE_KEK").env_remove("KMSGATE_CONFIG").env("KMSGATE_LOG", "warn");
+    // Tests run in parallel: every server gets its own ephemeral admin port, not the fixed default.
+    c.env("KMSGATE_ADMIN__BIND", "127.0.0.1:0");
     c
 }
 

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+// The credential and its signed calls over plain HTTP/1.1 are the shared test module's.
+use common::wire::{XKS_REGION as REGION, XksCred as Cred, xks_call as call};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kmsgate");
-const REGION: &str = "eu-west-1";
 
 struct Server {
     child: Child,
@@ -36,6 +37,8 @@ impl Drop for Server {
 fn kmsgate(cwd: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.current_dir(cwd).env_remove("KMSGATE_KEK").env_remove("KMSGATE_CONFIG").env("KMSGATE_LOG", "warn");
+    // Tests run in parallel: every server gets its own ephemeral admin port, not the fixed default.
+    c.env("KMSGATE_ADMIN__BIND", "127.0.0.1:0");
     c
 }
 
@@ -85,20 +88,8 @@ fn cli_json(cwd: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-#[derive(Debug, Clone)]
-struct Cred {
-    akid: String,
-    secret: String,
-    uri_path: String,
-}
-
 fn cred_of(file: &Value) -> Cred {
-    let c = &file["XksProxyAuthenticationCredential"];
-    Cred {
-        akid: c["AccessKeyId"].as_str().unwrap().to_owned(),
-        secret: c["RawSecretAccessKey"].as_str().unwrap().to_owned(),
-        uri_path: file["XksProxyUriPath"].as_str().unwrap().to_owned(),
-    }
+    Cred::from_file(file)
 }
 
 fn signed(host: &str, path: &str, body: &[u8], cred: &Cred, with_host_header: bool) -> Vec<(String, String)> {
@@ -131,15 +122,6 @@ fn request(uri: &str, body: &[u8], headers: &[(String, String)]) -> hyper::Reque
         b = b.header(k.as_str(), v.as_str());
     }
     b.body(Full::new(Bytes::copy_from_slice(body))).unwrap()
-}
-
-/// One signed XKS call over plain HTTP/1.1.
-async fn call(addr: SocketAddr, cred: &Cred, op: &str, body: &Value) -> common::Reply {
-    let path = format!("{}{op}", cred.uri_path);
-    let bytes = body.to_string().into_bytes();
-    let headers = signed(&addr.to_string(), &path, &bytes, cred, true);
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    common::send_on(stream, false, request(&path, &bytes, &headers)).await.unwrap()
 }
 
 fn health_body(request_id: &str) -> Value {

@@ -21,12 +21,29 @@ fn map(e: sqlx::Error, already_exists: &'static str) -> Error {
         sqlx::Error::Database(d) if is_timeout(d.as_ref()) => Some(ErrorKind::DependencyTimeout),
         _ => None,
     };
+    if is_tls_failure(&e) {
+        // The operator needs to know it is TLS (a CA, sslmode or hostname problem), not the database itself;
+        // the verifier's details stay in the source, which is only logged.
+        return Error::new(ErrorKind::StorageFailure, "the TLS connection to the database failed").with_source(e);
+    }
     match kind {
         Some(ErrorKind::AlreadyExists) => Error::new(ErrorKind::AlreadyExists, already_exists).with_source(e),
         Some(ErrorKind::DependencyTimeout) => {
             Error::new(ErrorKind::DependencyTimeout, "the store did not answer in time").with_source(e)
         }
         _ => Error::storage(e),
+    }
+}
+
+/// A TLS handshake or configuration failure: an unverifiable server certificate, a missing `sslrootcert`, or
+/// `sslmode=require` against a server without TLS.
+fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        // Also "server does not support TLS" (sslmode=require against a plain server) and unreadable CA files.
+        sqlx::Error::Tls(_) => true,
+        // A refused handshake (unknown issuer, name mismatch) surfaces as an I/O error wrapping rustls's.
+        sqlx::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
     }
 }
 
@@ -37,12 +54,14 @@ pub(crate) fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
 
 /// Lock waits that ran out: SQLite's busy timeout (`SQLITE_BUSY`/`SQLITE_LOCKED` and their extended codes,
 /// numeric) and PostgreSQL's `lock_not_available` / `query_canceled` (statement or lock timeout, SQLSTATE).
+///
+/// The dialect is told by the error's type, not by the code's shape: SQLSTATEs such as `57014` are numeric too.
 fn is_timeout(d: &dyn DatabaseError) -> bool {
     let Some(code) = d.code() else { return false };
-    match code.parse::<i32>() {
-        Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6),
-        Err(_) => matches!(&*code, "55P03" | "57014"),
+    if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+        return matches!(&*code, "55P03" | "57014");
     }
+    code.parse::<i32>().is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6))
 }
 
 #[cfg(test)]
@@ -54,6 +73,21 @@ mod tests {
         let e = db(sqlx::Error::PoolTimedOut);
         assert_eq!(e.kind(), ErrorKind::DependencyTimeout);
         assert!(e.internal_source().is_some());
+    }
+
+    #[test]
+    fn tls_failures_say_so_without_details() {
+        let e = db(sqlx::Error::Tls("invalid peer certificate: UnknownIssuer".into()));
+        assert_eq!(e.kind(), ErrorKind::StorageFailure);
+        assert_eq!(e.message(), "the TLS connection to the database failed");
+        assert!(format!("{:?}", e.internal_source()).contains("UnknownIssuer"), "the cause is kept for the logs");
+        let handshake = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(db(sqlx::Error::Io(handshake)).message(), "the TLS connection to the database failed");
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(db(sqlx::Error::Io(refused)).message(), "the store failed");
     }
 
     #[test]

@@ -12,6 +12,8 @@ mod copy;
 mod dialect;
 mod errors;
 mod migrate;
+#[cfg(feature = "testsuite")]
+pub mod pgcluster;
 mod sql_store;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;

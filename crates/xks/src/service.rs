@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use kmsgate_core::metrics::{Limiter, WireLabels};
 use kmsgate_core::{
     Caller, Change, ChangeKind, DecryptRequest, Dispatcher, Document, EncryptRequest, EncryptionAlgorithm, ErrorKind,
     Frontend, Key, KeyId, KeyRef, KeySpec, KeyState, KeyUsage, TenantId, constant_time_eq,
@@ -149,6 +150,8 @@ pub async fn handle(State(state): State<Arc<XksState>>, req: Request<Body>) -> R
             (e.into_response(), name)
         }
     };
+    let mut response = response;
+    response.extensions_mut().insert(WireLabels { frontend: Frontend::Xks, operation: log.operation, code: outcome });
     let status = response.status();
     let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     macro_rules! line {
@@ -336,6 +339,7 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
         return Err(XksError::uri_path());
     }
     if !state.admit(&store_doc.id, store.quota) {
+        state.dispatcher.metrics().rate_limited(Frontend::Xks, Limiter::Frontend);
         return Err(XksError::new(ErrorName::ThrottlingException, "the key store's request quota is exceeded"));
     }
 

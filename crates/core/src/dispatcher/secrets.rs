@@ -159,8 +159,9 @@ impl Dispatcher {
         let backend = self.inner.backends.get(&key_version.handle.backend)?;
         let (iv, wrapped) = sealed.wrapped_key.split_at(GCM_IV_LEN);
         let aad = binding_aad(&secret.tenant, &secret.path, sealed.version);
-        let data_key =
-            self.backend_call(backend.aes_gcm_decrypt(Self::material(&key, key_version), iv, &aad, wrapped)).await?;
+        let data_key = self
+            .backend_call(backend.name(), backend.aes_gcm_decrypt(Self::material(&key, key_version), iv, &aad, wrapped))
+            .await?;
         open_data(&data_key, &sealed.iv, &aad, &sealed.ciphertext)
     }
 

@@ -47,8 +47,8 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::Session;
 use kmsgate_core::backend::{GCM_IV_LEN, GCM_TAG_LEN};
 use kmsgate_core::{
-    Error, ErrorKind, HealthStatus, KeyBackend, KeyId, KeyMaterialRef, KeySpec, KeyUsage, KeyUsageSet, MemberHealth,
-    Result, SigningAlgorithm,
+    AesBlockMode, BlockPadding, Error, ErrorKind, HealthStatus, KeyBackend, KeyId, KeyMaterialRef, KeySpec, KeyUsage,
+    KeyUsageSet, MemberHealth, Result, SigningAlgorithm,
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -235,6 +235,59 @@ fn aad_for_token(aad: &[u8]) -> &[u8] {
 
 fn gcm_iv(iv: &[u8]) -> Result<[u8; GCM_IV_LEN]> {
     iv.try_into().map_err(|_| Error::invalid("the IV must be 12 bytes"))
+}
+
+const AES_BLOCK: usize = kmsgate_core::backend::AES_BLOCK_LEN;
+
+/// PKCS#11 has no padded ECB mechanism: ECB with PKCS#7 pads here and runs `CKM_AES_ECB`.
+fn pkcs7_pad(data: &[u8]) -> Zeroizing<Vec<u8>> {
+    let n = AES_BLOCK - data.len() % AES_BLOCK;
+    let mut out = Zeroizing::new(Vec::with_capacity(data.len() + n));
+    out.extend_from_slice(data);
+    // n is 1..=16, so it fits a byte.
+    out.resize(data.len() + n, u8::try_from(n).unwrap_or(16));
+    out
+}
+
+/// Strips PKCS#7 padding; malformed padding is an invalid ciphertext.
+fn pkcs7_unpad(mut data: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>> {
+    let n = usize::from(data.last().copied().unwrap_or(0));
+    if n == 0 || n > AES_BLOCK || n > data.len() || !data[data.len() - n..].iter().all(|b| usize::from(*b) == n) {
+        return Err(Error::invalid_ciphertext());
+    }
+    let len = data.len() - n;
+    data.truncate(len);
+    Ok(data)
+}
+
+/// An AES block mechanism as plain data: `Mechanism` holds raw pointers and cannot cross to the pool thread.
+#[derive(Clone, Copy)]
+enum BlockMechanism {
+    CbcPad([u8; AES_BLOCK]),
+    Cbc([u8; AES_BLOCK]),
+    Ecb,
+}
+
+impl BlockMechanism {
+    /// ECB with PKCS#7 is `CKM_AES_ECB` over data padded here.
+    fn of(mode: AesBlockMode, padding: BlockPadding, iv: &[u8]) -> Result<Self> {
+        let iv16 = || -> Result<[u8; AES_BLOCK]> {
+            iv.try_into().map_err(|_| Error::invalid("the AES-CBC IV must be 16 bytes"))
+        };
+        Ok(match (mode, padding) {
+            (AesBlockMode::Cbc, BlockPadding::Pkcs7) => BlockMechanism::CbcPad(iv16()?),
+            (AesBlockMode::Cbc, BlockPadding::NoPadding) => BlockMechanism::Cbc(iv16()?),
+            (AesBlockMode::Ecb, _) => BlockMechanism::Ecb,
+        })
+    }
+
+    fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            BlockMechanism::CbcPad(iv) => Mechanism::AesCbcPad(iv),
+            BlockMechanism::Cbc(iv) => Mechanism::AesCbc(iv),
+            BlockMechanism::Ecb => Mechanism::AesEcb,
+        }
+    }
 }
 
 fn modulus_len(spec: KeySpec) -> usize {
@@ -661,8 +714,6 @@ impl Pkcs11Backend {
         let m = self.member();
         let attachment = m.last_attachment();
         let library = m.module.read().library.clone();
-        let s = &m.stats;
-        use std::sync::atomic::Ordering::Relaxed;
         Pkcs11Status {
             name: m.name().to_owned(),
             module: m.module.path.display().to_string(),
@@ -671,21 +722,29 @@ impl Pkcs11Backend {
             slot: attachment.as_ref().map(|a| a.slot.id()),
             token: attachment.map(|a| a.token),
             health,
-            pool: PoolStatus {
-                size: m.config.sessions,
-                open: s.open.load(Relaxed),
-                in_use: s.in_use.load(Relaxed),
-                waiting: s.waiting.load(Relaxed),
-                queue_capacity: m.config.queue,
-                failing: m.failing_sessions(),
-                sessions_opened: s.opened.load(Relaxed),
-                sessions_evicted: s.evicted.load(Relaxed),
-                recoveries: s.recoveries.load(Relaxed),
-                timeouts: s.timeouts.load(Relaxed),
-                rejected_queue_full: s.rejected.load(Relaxed),
-                abandoned: s.abandoned.load(Relaxed),
-            },
+            pool: self.pool_status(),
             slots,
+        }
+    }
+
+    /// The session pool's counters alone: atomics only, cheap enough for every metrics scrape.
+    pub fn pool_status(&self) -> PoolStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = self.member();
+        let s = &m.stats;
+        PoolStatus {
+            size: m.config.sessions,
+            open: s.open.load(Relaxed),
+            in_use: s.in_use.load(Relaxed),
+            waiting: s.waiting.load(Relaxed),
+            queue_capacity: m.config.queue,
+            failing: m.failing_sessions(),
+            sessions_opened: s.opened.load(Relaxed),
+            sessions_evicted: s.evicted.load(Relaxed),
+            recoveries: s.recoveries.load(Relaxed),
+            timeouts: s.timeouts.load(Relaxed),
+            rejected_queue_full: s.rejected.load(Relaxed),
+            abandoned: s.abandoned.load(Relaxed),
         }
     }
 
@@ -867,6 +926,63 @@ impl KeyBackend for Pkcs11Backend {
                 })
             })
             .await
+    }
+
+    async fn aes_block_encrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        if key.spec != KeySpec::Aes256 {
+            return Err(wrong_spec(key.spec, "AES block encryption"));
+        }
+        let mechanism = BlockMechanism::of(mode, padding, iv)?;
+        let data = match (mode, padding) {
+            (AesBlockMode::Ecb, BlockPadding::Pkcs7) => pkcs7_pad(plaintext),
+            _ => Zeroizing::new(plaintext.to_vec()),
+        };
+        if padding == BlockPadding::NoPadding && (data.is_empty() || !data.len().is_multiple_of(AES_BLOCK)) {
+            return Err(Error::invalid("without padding the plaintext must be whole 16-byte blocks"));
+        }
+        let k = owned(&key);
+        self.pool
+            .call(self.deadline(), move |ctx| {
+                ctx.with_key(&k, Op::Encrypt, |s, o| s.encrypt(&mechanism.mechanism(), o.key, &data))
+            })
+            .await
+    }
+
+    async fn aes_block_decrypt(
+        &self,
+        key: KeyMaterialRef<'_>,
+        mode: AesBlockMode,
+        padding: BlockPadding,
+        iv: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if key.spec != KeySpec::Aes256 {
+            return Err(wrong_spec(key.spec, "AES block decryption"));
+        }
+        if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(AES_BLOCK) {
+            return Err(Error::invalid_ciphertext());
+        }
+        let mechanism = BlockMechanism::of(mode, padding, iv)?;
+        let (k, data) = (owned(&key), ciphertext.to_vec());
+        let plain = self
+            .pool
+            .call(self.deadline(), move |ctx| {
+                ctx.with_key(&k, Op::BlockDecrypt, |s, o| {
+                    s.decrypt(&mechanism.mechanism(), o.key, &data).map(Zeroizing::new)
+                })
+            })
+            .await?;
+        match (mode, padding) {
+            (AesBlockMode::Ecb, BlockPadding::Pkcs7) => pkcs7_unpad(plain),
+            _ => Ok(plain),
+        }
     }
 
     async fn rsa_oaep_encrypt(&self, key: KeyMaterialRef<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {

@@ -81,6 +81,8 @@ pub(crate) enum Op {
     Destroy,
     Encrypt,
     GcmDecrypt,
+    /// AES-CBC/ECB decryption: bad padding or a partial block is the caller's ciphertext, not a fault.
+    BlockDecrypt,
     RsaDecrypt,
     Sign,
     Attributes,
@@ -131,7 +133,7 @@ pub(crate) fn classify(e: &P11Error, op: Op) -> (Option<Fault>, Error) {
     match (op, rv.0) {
         // SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR from C_Decrypt; the session stays usable.
         (
-            Op::GcmDecrypt | Op::RsaDecrypt,
+            Op::GcmDecrypt | Op::BlockDecrypt | Op::RsaDecrypt,
             GeneralError | EncryptedDataInvalid | EncryptedDataLenRange | DataInvalid | DataLenRange,
         ) if decrypting => (None, Error::invalid_ciphertext()),
         (

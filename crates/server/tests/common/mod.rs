@@ -15,6 +15,9 @@ use kmsgate_store::SqlStore;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+pub mod process;
+pub mod wire;
+
 /// A store, a backend and a dispatcher over a temporary SQLite file.
 pub struct Env {
     pub dir: tempfile::TempDir,
