@@ -10,9 +10,8 @@ use crate::service::{ApiResult, Ctx, SecretsState};
 
 pub async fn handle(st: &SecretsState, _ctx: &Ctx, ready: bool) -> ApiResult<Response> {
     let version = env!("CARGO_PKG_VERSION");
-    if st.config.maintenance_mode {
-        return Err(ApiError::new(ErrorCode::MaintenanceMode, "the secrets API is in maintenance; retry later")
-            .retry_after(std::time::Duration::from_secs(60)));
+    if st.in_maintenance().await {
+        return Err(crate::service::maintenance());
     }
     if !ready {
         return Ok(crate::service::json(StatusCode::OK, json!({"status": "ok", "version": version})));

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use code::ErrorCode;
 pub use error::{ApiError, code_for};
-pub use service::{SecretsState, bootstrap};
+pub use service::{SecretsState, bootstrap, set_maintenance};
 
 use crate::model::TenantDoc;
 use crate::ratelimit::Category;
@@ -36,7 +36,8 @@ use crate::ratelimit::Category;
 pub struct SecretsConfig {
     /// Serve `/v1/...` on the main listener.
     pub enabled: bool,
-    /// Answer every route but health with 503 `maintenance_mode`.
+    /// Answer every route (health reports it too) with 503 `maintenance_mode`; `kmsgate secrets maintenance
+    /// on|off` switches it at run time for every replica.
     pub maintenance_mode: bool,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,

@@ -18,6 +18,9 @@ pub const KIND_POLICY: &str = "secrets.policy";
 pub const KIND_POLICY_NAME: &str = "secrets.policy-name";
 pub const KIND_BINDING: &str = "secrets.binding";
 pub const KIND_BINDING_KEY: &str = "secrets.binding-key";
+/// Installation-wide switches (`maintenance`: `{"enabled": bool}`).
+pub const KIND_SETTINGS: &str = "secrets.settings";
+pub const MAINTENANCE_ID: &str = "maintenance";
 
 /// The one partner of an installation (partner → tenant → identity).
 pub const PARTNER: &str = "default";

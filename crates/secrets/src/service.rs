@@ -58,6 +58,20 @@ impl SecretsState {
         }
     }
 
+    /// Whether the operator switch is on: `secrets.maintenance_mode` in the configuration, or the
+    /// installation-wide record `kmsgate secrets maintenance on` writes (every replica sees it through the
+    /// change feed, no restart). A store failure reading the switch counts as off: requests then meet the store
+    /// error themselves.
+    pub async fn in_maintenance(&self) -> bool {
+        if self.config.maintenance_mode {
+            return true;
+        }
+        match self.dispatcher.document(crate::model::KIND_SETTINGS, crate::model::MAINTENANCE_ID).await {
+            Ok(Some(doc)) => doc.body.get("enabled").and_then(Value::as_bool).unwrap_or(false),
+            _ => false,
+        }
+    }
+
     /// The tenant's bindings, through the cache.
     pub async fn tenant_bindings(&self, tenant: &TenantId) -> ApiResult<Arc<Vec<crate::model::BindingDoc>>> {
         if let Some(b) = self.bindings.get(tenant).await {
@@ -349,9 +363,8 @@ async fn run(st: &SecretsState, ctx: &mut Ctx, uri_path: &str, body: Body) -> Ap
         }
         return crate::health::handle(st, ctx, rest == "health/ready").await;
     }
-    if st.config.maintenance_mode {
-        return Err(ApiError::new(ErrorCode::MaintenanceMode, "the secrets API is in maintenance; retry later")
-            .retry_after(std::time::Duration::from_secs(60)));
+    if st.in_maintenance().await {
+        return Err(maintenance());
     }
     let mut path = rest.to_owned();
     if let Some(after_t) = rest.strip_prefix("t/") {
@@ -367,6 +380,11 @@ async fn run(st: &SecretsState, ctx: &mut Ctx, uri_path: &str, body: Body) -> Ap
         ))
     })?;
     crate::routes::dispatch(st, ctx).await
+}
+
+pub fn maintenance() -> ApiError {
+    ApiError::new(ErrorCode::MaintenanceMode, "the secrets API is in maintenance; retry later")
+        .retry_after(std::time::Duration::from_secs(60))
 }
 
 pub fn route_not_found() -> ApiError {
@@ -724,4 +742,13 @@ pub async fn mint(
         mfa_verified_at,
     };
     Ok((keys.sign_token(&claims), record))
+}
+
+/// Turns the run-time maintenance switch on or off (every replica follows within its change-poll interval).
+pub async fn set_maintenance(st: &SecretsState, on: bool) -> ApiResult<()> {
+    let admin = Caller::admin(st.home.clone());
+    let body = serde_json::json!({"enabled": on, "changed_at": now_rfc3339()});
+    let doc = Document::new(crate::model::KIND_SETTINGS, crate::model::MAINTENANCE_ID, st.home.clone(), body);
+    st.dispatcher.put_document(&admin, doc, Precondition::Any).await?;
+    Ok(())
 }

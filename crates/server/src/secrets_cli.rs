@@ -15,6 +15,12 @@ pub enum SecretsCommand {
     /// Create the tenant's (--tenant) secrets settings, a `service_account/admin` identity with the admin and
     /// partner_admin roles, and an admin token, which is printed once and never again.
     Bootstrap,
+    /// Switch maintenance mode on or off at run time: every `/v1` route answers 503 `maintenance_mode` (health
+    /// reports it, so balancers drain); running servers follow within `server.change_poll_ms`.
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 fn state(app: &App) -> SecretsState {
@@ -27,9 +33,20 @@ fn ttl(app: &App) -> i64 {
 }
 
 pub async fn run(config: Config, cmd: SecretsCommand, json_out: bool) -> anyhow::Result<ExitCode> {
-    let SecretsCommand::Bootstrap = cmd;
     let (app, _) = App::open(config).await?;
     let st = state(&app);
+    if let SecretsCommand::Maintenance { state: on } = &cmd {
+        let on = on == "on";
+        kmsgate_secrets::set_maintenance(&st, on)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
+        if json_out {
+            println!("{}", json!({"maintenance": on}));
+        } else {
+            println!("secrets API maintenance mode: {}", if on { "on" } else { "off" });
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let minted = kmsgate_secrets::bootstrap(&st, &app.tenant, ttl(&app))
         .await
         .map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;

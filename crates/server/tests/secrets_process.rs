@@ -146,4 +146,29 @@ async fn cli_bootstrap_prints_the_token_once() {
     assert_eq!(me.status, 200, "{}", String::from_utf8_lossy(&me.body));
     assert_eq!(me.json()["tenant_id"], "acme");
     assert!(!s.log().contains(&token), "the CLI's token is never logged");
+
+    // The run-time maintenance switch: the CLI flips it, the running server follows through the change feed.
+    let wait_for = |want: u16| {
+        let token = token.clone();
+        async move {
+            let mut got = 0;
+            for _ in 0..100 {
+                got = get(s.addr, "/v1/auth/whoami", &token).await.status;
+                if got == want {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            got
+        }
+    };
+    let on = kmsgate(dir.path()).args(["secrets", "maintenance", "on"]).output().unwrap();
+    assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
+    assert_eq!(wait_for(503).await, 503);
+    let r = get(s.addr, "/v1/auth/whoami", &token).await;
+    assert_eq!(r.json()["error"]["code"], "maintenance_mode");
+    assert!(r.headers.contains_key("retry-after"));
+    let off = kmsgate(dir.path()).args(["secrets", "maintenance", "off"]).output().unwrap();
+    assert!(off.status.success());
+    assert_eq!(wait_for(200).await, 200);
 }
