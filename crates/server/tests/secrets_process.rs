@@ -111,6 +111,8 @@ async fn first_start_bootstraps_once_and_schemathesis_finds_no_fault() {
         // The fuzzer's own token must survive the run: it would revoke it, or delete its identity.
         .args(["--exclude-operation-id", "revokeToken", "--exclude-operation-id", "deleteIdentity"])
         .env("NO_COLOR", "1")
+        // Its example database and reports go to the test's directory, not the source tree.
+        .current_dir(dir.path())
         .output()
         .expect("run schemathesis");
     let report = String::from_utf8_lossy(&out.stdout);
