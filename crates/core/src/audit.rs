@@ -49,6 +49,9 @@ pub enum Operation {
     RollbackSecret,
     UpdateSecretVersionStage,
     PurgeSecret,
+    /// A request a frontend refused before any operation ran: authentication, tenant or authorization failed
+    /// (the secrets REST API's 401s and 403s). The outcome names the wire code.
+    AccessCheck,
 }
 
 impl Operation {
@@ -91,6 +94,7 @@ impl Operation {
         Operation::RollbackSecret,
         Operation::UpdateSecretVersionStage,
         Operation::PurgeSecret,
+        Operation::AccessCheck,
     ];
 
     /// The position in [`Operation::ALL`]. An exhaustive match, so a new operation cannot compile without a
@@ -134,6 +138,7 @@ impl Operation {
             Operation::RollbackSecret => 34,
             Operation::UpdateSecretVersionStage => 35,
             Operation::PurgeSecret => 36,
+            Operation::AccessCheck => 37,
         }
     }
 
@@ -176,6 +181,7 @@ impl Operation {
             Operation::RollbackSecret => "RollbackSecret",
             Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
             Operation::PurgeSecret => "PurgeSecret",
+            Operation::AccessCheck => "AccessCheck",
         }
     }
 

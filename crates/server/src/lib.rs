@@ -16,6 +16,7 @@ pub mod hsm_cli;
 pub mod http;
 pub mod metrics;
 pub mod mtls;
+pub mod secrets_cli;
 pub mod serve;
 pub mod store_cli;
 pub mod xks_cli;
