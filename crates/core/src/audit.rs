@@ -49,6 +49,9 @@ pub enum Operation {
     RollbackSecret,
     UpdateSecretVersionStage,
     PurgeSecret,
+    ImportKeyMaterial,
+    DeleteKeyMaterial,
+    TagKey,
 }
 
 impl Operation {
@@ -91,6 +94,9 @@ impl Operation {
             Operation::RollbackSecret => "RollbackSecret",
             Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
             Operation::PurgeSecret => "PurgeSecret",
+            Operation::ImportKeyMaterial => "ImportKeyMaterial",
+            Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
+            Operation::TagKey => "TagKey",
         }
     }
 
@@ -119,6 +125,9 @@ impl Operation {
                 | Operation::RollbackSecret
                 | Operation::UpdateSecretVersionStage
                 | Operation::PurgeSecret
+                | Operation::ImportKeyMaterial
+                | Operation::DeleteKeyMaterial
+                | Operation::TagKey
         )
     }
 }
