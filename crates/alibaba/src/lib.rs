@@ -66,10 +66,11 @@ struct Both {
 /// One listener, two protocols told apart by request shape: the instance SDKs always send `POST /` with an
 /// `x-kms-apiname` header, which no OpenAPI request carries.
 async fn split(State(both): State<Arc<Both>>, req: Request<Body>) -> Response {
-    if req.method() == Method::POST && req.headers().contains_key("x-kms-apiname") {
-        if let Some(instance) = &both.instance {
-            return service::handle(State(instance.clone()), req).await.into_response();
-        }
+    if req.method() == Method::POST
+        && req.headers().contains_key("x-kms-apiname")
+        && let Some(instance) = &both.instance
+    {
+        return service::handle(State(instance.clone()), req).await.into_response();
     }
     openapi::handle(&both.openapi, req).await
 }

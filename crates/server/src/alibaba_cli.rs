@@ -100,7 +100,10 @@ async fn run_access_keys(config: Config, cmd: AccessKeysCommand, json_out: bool)
             let csv = key.csv();
             write_private(&path, csv.as_bytes())?;
             if json_out {
-                println!("{}", json!({ "id": key.id, "tenant": app.tenant, "identity": identity, "secret_file": path }));
+                println!(
+                    "{}",
+                    json!({ "id": key.id, "tenant": app.tenant, "identity": identity, "secret_file": path })
+                );
             } else {
                 println!("issued AccessKey {} for {identity} in tenant {}", key.id, app.tenant);
                 println!("  secret file: {} (mode 0600; shown only this once)", path.display());

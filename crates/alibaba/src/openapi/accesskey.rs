@@ -4,7 +4,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use kmsgate_core::{Caller, Dispatcher, Document, Error, ErrorKind, PageRequest, Precondition, Result, TenantId, Timestamp};
+use kmsgate_core::{
+    Caller, Dispatcher, Document, Error, ErrorKind, PageRequest, Precondition, Result, TenantId, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -103,7 +105,10 @@ fn random_alnum(len: usize) -> Result<String> {
 
 /// Looks an AccessKey id up and unseals its secret. Ids of other shapes are unknown without a store read.
 pub async fn lookup(d: &Dispatcher, id: &str) -> Result<Lookup> {
-    if id.len() != ID_PREFIX.len() + ID_RANDOM_LEN || !id.starts_with(ID_PREFIX) || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if id.len() != ID_PREFIX.len() + ID_RANDOM_LEN
+        || !id.starts_with(ID_PREFIX)
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
         return Ok(Lookup::Unknown);
     }
     let Some(doc) = d.document(KIND_ACCESS_KEY, id).await? else { return Ok(Lookup::Unknown) };
@@ -111,7 +116,8 @@ pub async fn lookup(d: &Dispatcher, id: &str) -> Result<Lookup> {
     if body.revoked_at.is_some() {
         return Ok(Lookup::Revoked);
     }
-    let sealed = STANDARD.decode(&body.sealed_secret).map_err(|_| Error::internal("an AccessKey secret is not base64"))?;
+    let sealed =
+        STANDARD.decode(&body.sealed_secret).map_err(|_| Error::internal("an AccessKey secret is not base64"))?;
     let secret = d.unseal(&Caller::admin(doc.tenant.clone()), &purpose(id), &sealed).await?;
     Ok(Lookup::Active { tenant: doc.tenant.clone(), identity: body.identity, secret })
 }
@@ -130,7 +136,8 @@ pub async fn create(d: &Dispatcher, caller: &Caller, identity: &str, description
         revoked_at: None,
         description: description.to_owned(),
     };
-    let value = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode an AccessKey").with_source(e))?;
+    let value =
+        serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode an AccessKey").with_source(e))?;
     d.put_document(caller, Document::new(KIND_ACCESS_KEY, &id, caller.tenant.clone(), value), Precondition::Absent)
         .await?;
     Ok(NewAccessKey { id, secret })
@@ -175,7 +182,8 @@ pub async fn revoke(d: &Dispatcher, caller: &Caller, id: &str) -> Result<()> {
     // The sealed secret goes too: a revoked key can never verify again.
     body.sealed_secret = String::new();
     let mut next = (*doc).clone();
-    next.body = serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode an AccessKey").with_source(e))?;
+    next.body =
+        serde_json::to_value(&body).map_err(|e| Error::internal("cannot encode an AccessKey").with_source(e))?;
     match d.put_document(caller, next, Precondition::Revision(doc.revision)).await? {
         Some(_) => Ok(()),
         None => Err(Error::new(ErrorKind::VersionConflict, "the AccessKey changed meanwhile; retry")),

@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD;
 use kmsgate_core::{
     AliasName, Caller, CreateKeyRequest, DecryptRequest, DeleteMode, Document, EncryptRequest, EncryptionAlgorithm,
     ErrorKind, Key, KeyOrigin, KeyRef, KeySpec, KeyState, KeyUsage, KeyUsageSet, PageRequest, Precondition,
-    PutSecretRequest, STAGE_CURRENT, STAGE_PREVIOUS, Secret, SecretListFilter, SecretPath, SecretSelector,
-    SignInput, SignRequest, SigningAlgorithm, TenantId, Timestamp, VersionSelector, WriteMode,
+    PutSecretRequest, STAGE_CURRENT, STAGE_PREVIOUS, Secret, SecretListFilter, SecretPath, SecretSelector, SignInput,
+    SignRequest, SigningAlgorithm, TenantId, Timestamp, VersionSelector, WriteMode,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -34,6 +34,9 @@ pub(crate) struct Ctx<'a> {
     pub caller: &'a Caller,
     pub p: &'a Params,
     pub region: String,
+    /// Whether a key was named by alias: the core reports an unknown alias as an unknown key, the vendor
+    /// names the alias.
+    pub alias_used: std::sync::atomic::AtomicBool,
 }
 
 fn b64(name: &str, v: &str) -> Result<Vec<u8>, OapiError> {
@@ -57,9 +60,11 @@ fn parse_spec(s: &str) -> Result<KeySpec, OapiError> {
         "RSA_3072" => Ok(KeySpec::Rsa3072),
         "EC_P256" => Ok(KeySpec::EcP256),
         "HMAC_SHA256" => Ok(KeySpec::Hmac256),
-        "Aliyun_AES_128" | "Aliyun_AES_192" | "Aliyun_SM4" | "EC_SM2" | "EC_P256K" | "RSA_4096" => Err(
-            OapiError::new(StatusCode::BAD_REQUEST, "UnsupportedOperation", "This gateway does not offer that KeySpec."),
-        ),
+        "Aliyun_AES_128" | "Aliyun_AES_192" | "Aliyun_SM4" | "EC_SM2" | "EC_P256K" | "RSA_4096" => Err(OapiError::new(
+            StatusCode::BAD_REQUEST,
+            "UnsupportedOperation",
+            "This gateway does not offer that KeySpec.",
+        )),
         _ => Err(OapiError::invalid("KeySpec")),
     }
 }
@@ -124,6 +129,10 @@ fn slice<T: Clone>(all: &[T], (number, size): (usize, usize)) -> Vec<T> {
     all.iter().skip((number - 1).saturating_mul(size)).take(size).cloned().collect()
 }
 
+/// The tag and alias prefix of keys the gateway creates for itself.
+const INTERNAL_TAG: &str = "kmsgate-internal";
+const INTERNAL_ALIAS_PREFIX: &str = "alias/kmsgate-internal/";
+
 /// Gives up on listings larger than this rather than reading a tenant's whole inventory per request.
 const MAX_LISTED: usize = 10_000;
 
@@ -135,11 +144,19 @@ impl Ctx<'_> {
     pub async fn dispatch(&self, action: &str) -> Result<Value, OapiError> {
         let secret_action = matches!(
             action,
-            "CreateSecret" | "PutSecretValue" | "GetSecretValue" | "DescribeSecret" | "DeleteSecret" | "RestoreSecret"
-                | "ListSecretVersionIds" | "UpdateSecretVersionStage"
+            "CreateSecret"
+                | "PutSecretValue"
+                | "GetSecretValue"
+                | "DescribeSecret"
+                | "DeleteSecret"
+                | "RestoreSecret"
+                | "ListSecretVersionIds"
+                | "UpdateSecretVersionStage"
         );
         let r = self.run(action).await;
+        let by_alias = self.alias_used.load(std::sync::atomic::Ordering::Relaxed);
         match r {
+            Err(e) if by_alias && e.code == "Forbidden.KeyNotFound" => Err(OapiError::alias_not_found()),
             // The core's generic "already exists" is an alias conflict everywhere but for secrets.
             Err(e) if secret_action && e.code == "AliasAlreadyExists" => {
                 Err(OapiError::new(StatusCode::CONFLICT, "Rejected.ResourceExist", "The secret already exists."))
@@ -210,7 +227,43 @@ impl Ctx<'_> {
         } else {
             v
         };
-        KeyRef::parse(v).map_err(|_| OapiError::invalid(name))
+        let r = KeyRef::parse(v).map_err(|_| OapiError::invalid(name))?;
+        if matches!(r, KeyRef::Alias(_)) {
+            self.alias_used.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    /// The tenant's internal keys (credential sealing, secrets, XKS health checks): hidden from listings and
+    /// refused to key management here, so no OpenAPI caller can disable or delete what the gateway itself
+    /// depends on.
+    async fn internal_ids(&self) -> Vec<kmsgate_core::KeyId> {
+        let mut ids = Vec::new();
+        for alias in [kmsgate_core::Dispatcher::SEALING_ALIAS, kmsgate_core::Dispatcher::SECRETS_ALIAS] {
+            if let Ok(a) = KeyRef::parse(alias)
+                && let Ok(k) = self.d().resolve(&self.caller.tenant, &a).await
+            {
+                ids.push(k.id.clone());
+            }
+        }
+        ids
+    }
+
+    fn is_internal(k: &Key, ids: &[kmsgate_core::KeyId]) -> bool {
+        k.tags.contains_key(INTERNAL_TAG) || ids.contains(&k.id)
+    }
+
+    /// Refuses the gateway's internal keys as if they did not exist.
+    pub(crate) async fn guard(&self, key: &KeyRef) -> Result<(), OapiError> {
+        let k = match self.d().resolve(&self.caller.tenant, key).await {
+            Ok(k) => k,
+            // The action's own call reports a missing key in its usual way.
+            Err(_) => return Ok(()),
+        };
+        if Self::is_internal(&k, &self.internal_ids().await) {
+            return Err(OapiError::key_not_found());
+        }
+        Ok(())
     }
 
     fn arn(&self, kind: &str, name: &str) -> String {
@@ -254,7 +307,11 @@ impl Ctx<'_> {
     /// What a `DryRun=true` request gets once every check passed: the vendor's dry-run outcome, an error
     /// that says the request would have succeeded.
     fn dry_run_passed() -> OapiError {
-        OapiError::new(StatusCode::BAD_REQUEST, "DryRunOperation", "Request validation has been passed with DryRun flag set.")
+        OapiError::new(
+            StatusCode::BAD_REQUEST,
+            "DryRunOperation",
+            "Request validation has been passed with DryRun flag set.",
+        )
     }
 
     /// A usable key for `usage`, for dry runs: state and usage checked, nothing performed.
@@ -267,7 +324,9 @@ impl Ctx<'_> {
             }
         }
         if !k.usage.contains(usage) {
-            return Err(kmsgate_core::Error::new(ErrorKind::InvalidKeyUsage, "the key's usage does not allow that").into());
+            return Err(
+                kmsgate_core::Error::new(ErrorKind::InvalidKeyUsage, "the key's usage does not allow that").into()
+            );
         }
         Ok(())
     }
@@ -291,11 +350,8 @@ impl Ctx<'_> {
     }
 
     async fn key_of_version(&self, tenant: &TenantId, version: Uuid) -> Result<KeyRef, OapiError> {
-        let doc = self
-            .d()
-            .document(KIND_VERSION_INDEX, &version.to_string())
-            .await?
-            .ok_or_else(OapiError::key_not_found)?;
+        let doc =
+            self.d().document(KIND_VERSION_INDEX, &version.to_string()).await?.ok_or_else(OapiError::key_not_found)?;
         if &doc.tenant != tenant {
             return Err(OapiError::key_not_found());
         }
@@ -333,7 +389,10 @@ impl Ctx<'_> {
                 OapiError::unsupported("Unsupported.ProtectionLevel", "No HSM backend is configured on this gateway.")
             })?),
             Some(_) => {
-                return Err(OapiError::unsupported("Unsupported.ProtectionLevel", "The ProtectionLevel must be SOFTWARE or HSM."));
+                return Err(OapiError::unsupported(
+                    "Unsupported.ProtectionLevel",
+                    "The ProtectionLevel must be SOFTWARE or HSM.",
+                ));
             }
         };
         if self.p.bool("EnableAutomaticRotation")? == Some(true) {
@@ -379,6 +438,7 @@ impl Ctx<'_> {
 
     async fn describe_key(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let k = self.d().describe_key(self.caller, &key).await?;
         Ok(json!({ "KeyMetadata": self.key_metadata(&k) }))
     }
@@ -417,10 +477,12 @@ impl Ctx<'_> {
                 filters.push((key.to_owned(), values));
             }
         }
+        let internal = self.internal_ids().await;
         let keys: Vec<Value> = self
             .all_keys()
             .await?
             .iter()
+            .filter(|k| !Self::is_internal(k, &internal))
             .map(|k| self.key_metadata(k))
             .filter(|m| {
                 filters.iter().all(|(f, values)| {
@@ -440,13 +502,15 @@ impl Ctx<'_> {
 
     async fn set_state(&self, action: &str) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let d = self.d();
         let c = self.caller;
         let r = match action {
             "EnableKey" => d.enable_key(c, &key).await,
             "DisableKey" => d.disable_key(c, &key).await,
             "ScheduleKeyDeletion" => {
-                let days = self.p.u32("PendingWindowInDays")?.ok_or_else(|| OapiError::missing("PendingWindowInDays"))?;
+                let days =
+                    self.p.u32("PendingWindowInDays")?.ok_or_else(|| OapiError::missing("PendingWindowInDays"))?;
                 if !(7..=366).contains(&days) {
                     return Err(OapiError::invalid("PendingWindowInDays"));
                 }
@@ -466,6 +530,7 @@ impl Ctx<'_> {
 
     async fn update_description(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let description = self.p.get("Description").ok_or_else(|| OapiError::missing("Description"))?;
         self.d().update_key_description(self.caller, &key, description.to_owned()).await?;
         Ok(json!({}))
@@ -473,13 +538,17 @@ impl Ctx<'_> {
 
     async fn create_key_version(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let k = self.d().rotate_key(self.caller, &key).await?;
         let v = k.primary()?;
-        Ok(json!({ "KeyVersion": { "KeyId": k.id.as_str(), "KeyVersionId": v.id.to_string(), "CreationDate": v.created_at.to_rfc3339() } }))
+        Ok(
+            json!({ "KeyVersion": { "KeyId": k.id.as_str(), "KeyVersionId": v.id.to_string(), "CreationDate": v.created_at.to_rfc3339() } }),
+        )
     }
 
     async fn list_key_versions(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let paging = page(self.p)?;
         let k = self.d().describe_key(self.caller, &key).await?;
         let all: Vec<Value> = k
@@ -497,17 +566,22 @@ impl Ctx<'_> {
 
     async fn describe_key_version(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let vid = self.p.req("KeyVersionId")?;
         let k = self.d().describe_key(self.caller, &key).await?;
         let v = Uuid::parse_str(vid).ok().and_then(|id| k.version(id)).ok_or_else(OapiError::key_version_not_found)?;
-        Ok(json!({ "KeyVersion": { "KeyId": k.id.as_str(), "KeyVersionId": v.id.to_string(), "CreationDate": v.created_at.to_rfc3339() } }))
+        Ok(
+            json!({ "KeyVersion": { "KeyId": k.id.as_str(), "KeyVersionId": v.id.to_string(), "CreationDate": v.created_at.to_rfc3339() } }),
+        )
     }
 
     /// The key version a request names, which must exist.
     async fn version_param(&self, key: &KeyRef) -> Result<(Key, Uuid), OapiError> {
         let k = self.d().describe_key(self.caller, key).await?;
         let v = match self.p.opt("KeyVersionId") {
-            Some(vid) => Uuid::parse_str(vid).ok().and_then(|id| k.version(id)).ok_or_else(OapiError::key_version_not_found)?.id,
+            Some(vid) => {
+                Uuid::parse_str(vid).ok().and_then(|id| k.version(id)).ok_or_else(OapiError::key_version_not_found)?.id
+            }
             None => k.primary_version,
         };
         Ok(((*k).clone(), v))
@@ -515,6 +589,7 @@ impl Ctx<'_> {
 
     async fn tag_resource(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let tags = self.tags_param("Tags")?;
         if tags.is_empty() {
             return Err(OapiError::missing("Tags"));
@@ -525,6 +600,7 @@ impl Ctx<'_> {
 
     async fn untag_resource(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let Some(Value::Array(names)) = self.p.json("TagKeys")? else { return Err(OapiError::missing("TagKeys")) };
         let names = names
             .iter()
@@ -536,6 +612,7 @@ impl Ctx<'_> {
 
     async fn list_resource_tags(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let k = self.d().describe_key(self.caller, &key).await?;
         let tags: Vec<Value> = k.tags.iter().map(|(k, v)| json!({ "TagKey": k, "TagValue": v })).collect();
         Ok(json!({ "Tags": { "Tag": tags } }))
@@ -545,7 +622,7 @@ impl Ctx<'_> {
 
     fn alias_param(&self) -> Result<AliasName, OapiError> {
         let a = self.p.req("AliasName")?;
-        if a.starts_with("alias/acs/") || a.starts_with("alias/aws/") {
+        if a.starts_with("alias/acs/") || a.starts_with("alias/aws/") || a.starts_with(INTERNAL_ALIAS_PREFIX) {
             return Err(OapiError::unsupported("Unsupported.Alias", "Aliases under alias/acs/ are reserved."));
         }
         AliasName::parse(a).map_err(|_| OapiError::invalid("AliasName"))
@@ -553,7 +630,8 @@ impl Ctx<'_> {
 
     async fn alias(&self, create: bool) -> Result<Value, OapiError> {
         let alias = self.alias_param()?;
-        let key = self.key_ref(if create { "KeyId" } else { "KeyId" })?;
+        let key = self.key_ref("KeyId")?;
+        self.guard(&key).await?;
         let r = if create {
             self.d().create_alias(self.caller, &alias, &key).await
         } else {
@@ -581,7 +659,7 @@ impl Ctx<'_> {
         let mut req = PageRequest::first(PageRequest::MAX_LIMIT);
         loop {
             let p = self.d().list_aliases(self.caller, key.as_ref(), &req).await?;
-            all.extend(p.items.into_iter().map(|a| {
+            all.extend(p.items.into_iter().filter(|a| !a.alias.as_str().starts_with(INTERNAL_ALIAS_PREFIX)).map(|a| {
                 json!({ "AliasName": a.alias.as_str(), "AliasArn": self.arn("", a.alias.as_str()), "KeyId": a.key_id.as_str() })
             }));
             match p.next {
@@ -600,7 +678,12 @@ impl Ctx<'_> {
     // ---- symmetric crypto ----------------------------------------------------------------------------
 
     /// AES-GCM under the key's primary version; returns (key id, version, OpenAPI blob).
-    async fn seal(&self, key: KeyRef, plaintext: Zeroizing<Vec<u8>>, aad: Vec<u8>) -> Result<(String, Uuid, String), OapiError> {
+    async fn seal(
+        &self,
+        key: KeyRef,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: Vec<u8>,
+    ) -> Result<(String, Uuid, String), OapiError> {
         if plaintext.len() > self.state.config.max_symmetric_plaintext_bytes {
             return Err(OapiError::invalid("Plaintext"));
         }
@@ -709,13 +792,7 @@ impl Ctx<'_> {
         }
         let p = self.open("CiphertextBlob", src_aad).await?;
         let (key_id, version, blob) = self.seal(dest, Zeroizing::new(p.plaintext.to_vec()), dst_aad).await?;
-        Ok(json!({
-            "KeyId": key_id,
-            "KeyVersionId": version.to_string(),
-            "CiphertextBlob": blob,
-            "SourceKeyId": p.key_id.as_str(),
-            "SourceKeyVersionId": p.version.to_string(),
-        }))
+        Ok(json!({ "KeyId": key_id, "KeyVersionId": version.to_string(), "CiphertextBlob": blob }))
     }
 
     // ---- asymmetric crypto and MACs ------------------------------------------------------------------
@@ -725,7 +802,9 @@ impl Ctx<'_> {
             "RSA_PKCS1_SHA_256" => Ok(SigningAlgorithm::RsaPkcs1Sha256),
             "RSA_PSS_SHA_256" => Ok(SigningAlgorithm::RsaPssSha256),
             "ECDSA_SHA_256" => Ok(SigningAlgorithm::EcdsaSha256),
-            "SM2DSA" => Err(OapiError::new(StatusCode::BAD_REQUEST, "UnsupportedOperation", "SM2DSA is not supported.")),
+            "SM2DSA" => {
+                Err(OapiError::new(StatusCode::BAD_REQUEST, "UnsupportedOperation", "SM2DSA is not supported."))
+            }
             _ => Err(OapiError::invalid("Algorithm")),
         }
     }
@@ -751,7 +830,9 @@ impl Ctx<'_> {
             .d()
             .sign(self.caller, SignRequest { key, algorithm, input: SignInput::Digest(digest), version: Some(version) })
             .await?;
-        Ok(json!({ "KeyId": s.key_id.as_str(), "KeyVersionId": s.version.to_string(), "Value": STANDARD.encode(s.signature) }))
+        Ok(
+            json!({ "KeyId": s.key_id.as_str(), "KeyVersionId": s.version.to_string(), "Value": STANDARD.encode(s.signature) }),
+        )
     }
 
     async fn asymmetric_verify(&self) -> Result<Value, OapiError> {
@@ -766,7 +847,11 @@ impl Ctx<'_> {
         }
         let ok = self
             .d()
-            .verify(self.caller, SignRequest { key, algorithm, input: SignInput::Digest(digest), version: Some(version) }, &signature)
+            .verify(
+                self.caller,
+                SignRequest { key, algorithm, input: SignInput::Digest(digest), version: Some(version) },
+                &signature,
+            )
             .await?;
         Ok(json!({ "KeyId": k.id.as_str(), "KeyVersionId": version.to_string(), "Value": ok }))
     }
@@ -799,9 +884,17 @@ impl Ctx<'_> {
             self.check_usable(&key, KeyUsage::Encrypt).await?;
             return Err(Self::dry_run_passed());
         }
-        let req = EncryptRequest { key, algorithm: Some(EncryptionAlgorithm::RsaOaepSha256), plaintext, aad: Vec::new(), iv: None };
+        let req = EncryptRequest {
+            key,
+            algorithm: Some(EncryptionAlgorithm::RsaOaepSha256),
+            plaintext,
+            aad: Vec::new(),
+            iv: None,
+        };
         let e = self.d().encrypt(self.caller, req).await?;
-        Ok(json!({ "KeyId": e.key_id.as_str(), "KeyVersionId": e.version.to_string(), "CiphertextBlob": STANDARD.encode(e.ciphertext) }))
+        Ok(
+            json!({ "KeyId": e.key_id.as_str(), "KeyVersionId": e.version.to_string(), "CiphertextBlob": STANDARD.encode(e.ciphertext) }),
+        )
     }
 
     async fn asymmetric_decrypt(&self) -> Result<Value, OapiError> {
@@ -823,14 +916,18 @@ impl Ctx<'_> {
             tag: Vec::new(),
         };
         let p = self.d().decrypt(self.caller, req).await?;
-        Ok(json!({ "KeyId": p.key_id.as_str(), "KeyVersionId": p.version.to_string(), "Plaintext": STANDARD.encode(&*p.plaintext) }))
+        Ok(
+            json!({ "KeyId": p.key_id.as_str(), "KeyVersionId": p.version.to_string(), "Plaintext": STANDARD.encode(&*p.plaintext) }),
+        )
     }
 
     async fn get_public_key(&self) -> Result<Value, OapiError> {
         let key = self.key_ref("KeyId")?;
         let (_, version) = self.version_param(&key).await?;
         let p = self.d().get_public_key(self.caller, &key, Some(version)).await?;
-        Ok(json!({ "KeyId": p.key_id.as_str(), "KeyVersionId": p.version.to_string(), "PublicKey": crate::service::pem("PUBLIC KEY", &p.der) }))
+        Ok(
+            json!({ "KeyId": p.key_id.as_str(), "KeyVersionId": p.version.to_string(), "PublicKey": crate::service::pem("PUBLIC KEY", &p.der) }),
+        )
     }
 
     fn mac_message(&self) -> Result<Vec<u8>, OapiError> {
@@ -858,7 +955,9 @@ impl Ctx<'_> {
         }
         let (key_id, mac) = self.d().hmac(self.caller, &key, &message).await?;
         let k = self.d().describe_key(self.caller, &KeyRef::Id(key_id.clone())).await?;
-        Ok(json!({ "KeyId": key_id.as_str(), "KeyVersionId": k.primary_version.to_string(), "Mac": STANDARD.encode(mac) }))
+        Ok(
+            json!({ "KeyId": key_id.as_str(), "KeyVersionId": k.primary_version.to_string(), "Mac": STANDARD.encode(mac) }),
+        )
     }
 
     async fn verify_mac(&self) -> Result<Value, OapiError> {

@@ -27,7 +27,10 @@ impl OapiError {
         Self::new(
             StatusCode::BAD_REQUEST,
             "MissingParameter",
-            format!("The input parameter \"{}\" that is mandatory for processing this request is not supplied.", shown(param)),
+            format!(
+                "The input parameter \"{}\" that is mandatory for processing this request is not supplied.",
+                shown(param)
+            ),
         )
     }
 
@@ -52,7 +55,11 @@ impl OapiError {
     }
 
     pub fn invalid_action(action: &str) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "InvalidAction", format!("The specified action \"{}\" is not valid.", shown(action)))
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "InvalidAction",
+            format!("The specified action \"{}\" is not valid.", shown(action)),
+        )
     }
 
     pub fn incomplete_signature(detail: &str) -> Self {
@@ -86,16 +93,14 @@ impl OapiError {
         Self::new(
             StatusCode::BAD_REQUEST,
             "SignatureDoesNotMatch",
-            format!("Specified signature is not matched with our calculation. server string to sign is:{string_to_sign}"),
+            format!(
+                "Specified signature is not matched with our calculation. server string to sign is:{string_to_sign}"
+            ),
         )
     }
 
     pub fn access_key_not_found() -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "InvalidAccessKeyId.NotFound",
-            "Specified access key is not found.",
-        )
+        Self::new(StatusCode::NOT_FOUND, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
     }
 
     pub fn access_key_revoked() -> Self {
@@ -180,9 +185,7 @@ impl From<kmsgate_core::Error> for OapiError {
         match kind {
             ErrorKind::KeyNotFound => OapiError::key_not_found(),
             ErrorKind::AliasNotFound => OapiError::alias_not_found(),
-            ErrorKind::InvalidKeyState(KeyState::Disabled) => {
-                OapiError::new(status, code, "The key is disabled.")
-            }
+            ErrorKind::InvalidKeyState(KeyState::Disabled) => OapiError::new(status, code, "The key is disabled."),
             ErrorKind::InvalidKeyState(KeyState::PendingDeletion) => {
                 OapiError::new(status, code, "The key is pending deletion.")
             }

@@ -7,7 +7,9 @@
 //! can finish an import another began.
 
 use aws_lc_rs::encoding::AsDer as _;
-use aws_lc_rs::rsa::{KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepAlgorithm, OaepPrivateDecryptingKey, PrivateDecryptingKey};
+use aws_lc_rs::rsa::{
+    KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepAlgorithm, OaepPrivateDecryptingKey, PrivateDecryptingKey,
+};
 use axum::http::StatusCode;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -60,6 +62,7 @@ fn admin_of(ctx: &Ctx<'_>) -> Caller {
 
 pub(super) async fn get_parameters(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
     let key = ctx.key_ref("KeyId")?;
+    ctx.guard(&key).await?;
     let algorithm = ctx.p.req("WrappingAlgorithm")?;
     oaep(algorithm)?;
     match ctx.p.req("WrappingKeySpec")? {
@@ -68,7 +71,10 @@ pub(super) async fn get_parameters(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
     }
     let k = ctx.state.dispatcher.describe_key(ctx.caller, &key).await?;
     if k.origin != KeyOrigin::External {
-        return Err(OapiError::unsupported("Unsupported.Origin", "The key's material was not imported (Origin is not EXTERNAL)."));
+        return Err(OapiError::unsupported(
+            "Unsupported.Origin",
+            "The key's material was not imported (Origin is not EXTERNAL).",
+        ));
     }
     let private = tokio::task::spawn_blocking(|| PrivateDecryptingKey::generate(KeySize::Rsa2048))
         .await
@@ -89,8 +95,12 @@ pub(super) async fn get_parameters(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
         expires_at,
     };
     let value = serde_json::to_value(&body).map_err(|_| OapiError::internal())?;
-    d.put_document(&admin, Document::new(KIND_IMPORT_TOKEN, &token, ctx.caller.tenant.clone(), value), Precondition::Absent)
-        .await?;
+    d.put_document(
+        &admin,
+        Document::new(KIND_IMPORT_TOKEN, &token, ctx.caller.tenant.clone(), value),
+        Precondition::Absent,
+    )
+    .await?;
     Ok(json!({
         "KeyId": k.id.as_str(),
         "ImportToken": token,
@@ -118,7 +128,10 @@ pub(super) async fn import_material(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
     let d = &ctx.state.dispatcher;
     let k = d.describe_key(ctx.caller, &key).await?;
     if k.origin != KeyOrigin::External {
-        return Err(OapiError::unsupported("Unsupported.Origin", "The key's material was not imported (Origin is not EXTERNAL)."));
+        return Err(OapiError::unsupported(
+            "Unsupported.Origin",
+            "The key's material was not imported (Origin is not EXTERNAL).",
+        ));
     }
     if Uuid::parse_str(token).is_err() {
         return Err(invalid_token());
@@ -129,7 +142,11 @@ pub(super) async fn import_material(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
         return Err(invalid_token());
     }
     if body.expires_at <= Timestamp::now() {
-        return Err(OapiError::new(StatusCode::BAD_REQUEST, "ExpiredImportToken", "The specified ImportToken has expired."));
+        return Err(OapiError::new(
+            StatusCode::BAD_REQUEST,
+            "ExpiredImportToken",
+            "The specified ImportToken has expired.",
+        ));
     }
     let admin = admin_of(ctx);
     let sealed = STANDARD.decode(&body.sealed_private_key).map_err(|_| OapiError::internal())?;
@@ -151,6 +168,7 @@ pub(super) async fn import_material(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
 
 pub(super) async fn delete_material(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
     let key = ctx.key_ref("KeyId")?;
+    ctx.guard(&key).await?;
     ctx.state.dispatcher.delete_key_material(ctx.caller, &key).await?;
     Ok(json!({}))
 }

@@ -79,7 +79,9 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, OapiError> 
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(_) => Err(OapiError::new(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParameter", "The request body is too large.")),
+        Err(_) => {
+            Err(OapiError::new(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParameter", "The request body is too large."))
+        }
     }
 }
 
@@ -138,6 +140,6 @@ async fn process(
         metadata: [("access_key_id".to_owned(), claim.access_key_id.clone())].into_iter().collect(),
     };
     let region = params.opt("RegionId").unwrap_or("cn-hangzhou").to_owned();
-    let ctx = actions::Ctx { state, caller: &caller, p: &params, region };
+    let ctx = actions::Ctx { state, caller: &caller, p: &params, region, alias_used: Default::default() };
     ctx.dispatch(&action).await
 }

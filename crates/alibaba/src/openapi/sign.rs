@@ -53,7 +53,11 @@ fn parse_utc(s: &str) -> Option<SystemTime> {
 fn check_time(value: Option<&str>, now: SystemTime, window: Duration) -> Result<(), OapiError> {
     let v = value.filter(|v| !v.is_empty()).ok_or_else(OapiError::timestamp_missing)?;
     let at = parse_utc(v).ok_or_else(|| {
-        OapiError::new(axum::http::StatusCode::BAD_REQUEST, "IllegalTimestamp", "The specified time stamp is not in the UTC ISO 8601 format.")
+        OapiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "IllegalTimestamp",
+            "The specified time stamp is not in the UTC ISO 8601 format.",
+        )
     })?;
     let off = at.duration_since(now).or_else(|_| now.duration_since(at)).unwrap_or(Duration::MAX);
     if off > window {
@@ -64,13 +68,22 @@ fn check_time(value: Option<&str>, now: SystemTime, window: Duration) -> Result<
 
 /// The checks that need no secret: which scheme, its mandatory parts, the time window. An `Authorization`
 /// header selects ACS3; otherwise the v1 parameters are required.
-pub fn claim(method: &Method, headers: &HeaderMap, params: &Params, body: &[u8], now: SystemTime, window: Duration) -> Result<Claim, OapiError> {
+pub fn claim(
+    method: &Method,
+    headers: &HeaderMap,
+    params: &Params,
+    body: &[u8],
+    now: SystemTime,
+    window: Duration,
+) -> Result<Claim, OapiError> {
     if let Some(auth) = header(headers, "authorization") {
         return claim_acs3(auth, headers, params, body, now, window);
     }
     let _ = method;
     let ak = params.opt("AccessKeyId").ok_or_else(|| OapiError::missing("AccessKeyId"))?;
-    let sig = params.opt("Signature").ok_or_else(|| OapiError::incomplete_signature("The parameter Signature is missing."))?;
+    let sig = params
+        .opt("Signature")
+        .ok_or_else(|| OapiError::incomplete_signature("The parameter Signature is missing."))?;
     match params.opt("SignatureMethod") {
         Some("HMAC-SHA1") => {}
         Some(_) => return Err(OapiError::incomplete_signature("The SignatureMethod is not supported; use HMAC-SHA1.")),
@@ -82,13 +95,24 @@ pub fn claim(method: &Method, headers: &HeaderMap, params: &Params, body: &[u8],
     }
     let nonce = params.opt("SignatureNonce").ok_or_else(|| OapiError::missing("SignatureNonce"))?;
     check_time(params.get("Timestamp"), now, window)?;
-    let signature = STANDARD.decode(sig).map_err(|_| OapiError::incomplete_signature("The Signature is not base64."))?;
+    let signature =
+        STANDARD.decode(sig).map_err(|_| OapiError::incomplete_signature("The Signature is not base64."))?;
     Ok(Claim { access_key_id: ak.to_owned(), nonce: nonce.to_owned(), scheme: Scheme::V1 { signature } })
 }
 
-fn claim_acs3(auth: &str, headers: &HeaderMap, params: &Params, body: &[u8], now: SystemTime, window: Duration) -> Result<Claim, OapiError> {
+fn claim_acs3(
+    auth: &str,
+    headers: &HeaderMap,
+    params: &Params,
+    body: &[u8],
+    now: SystemTime,
+    window: Duration,
+) -> Result<Claim, OapiError> {
     let bad = |what: &str| OapiError::incomplete_signature(what);
-    let rest = auth.strip_prefix(ACS3).and_then(|r| r.strip_prefix(' ')).ok_or_else(|| bad("The Authorization header must use ACS3-HMAC-SHA256."))?;
+    let rest = auth
+        .strip_prefix(ACS3)
+        .and_then(|r| r.strip_prefix(' '))
+        .ok_or_else(|| bad("The Authorization header must use ACS3-HMAC-SHA256."))?;
     let mut credential = None;
     let mut signed = None;
     let mut signature = None;
@@ -113,7 +137,9 @@ fn claim_acs3(auth: &str, headers: &HeaderMap, params: &Params, body: &[u8], now
     if sorted != signed_headers {
         return Err(bad("SignedHeaders must be sorted, lower-case and unique."));
     }
-    for required in ["host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256"] {
+    for required in
+        ["host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256"]
+    {
         if !signed_headers.iter().any(|h| h == required) {
             return Err(bad(&format!("The header {required} must be signed.")));
         }
@@ -133,7 +159,9 @@ fn claim_acs3(auth: &str, headers: &HeaderMap, params: &Params, body: &[u8], now
         return Err(OapiError::invalid("Action"));
     }
     check_time(header(headers, "x-acs-date"), now, window)?;
-    let nonce = header(headers, "x-acs-signature-nonce").filter(|v| !v.is_empty()).ok_or_else(|| OapiError::missing("x-acs-signature-nonce"))?;
+    let nonce = header(headers, "x-acs-signature-nonce")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| OapiError::missing("x-acs-signature-nonce"))?;
     let content_sha256 = header(headers, "x-acs-content-sha256").unwrap_or("").to_owned();
     let actual = hex::encode(digest::digest(&digest::SHA256, body));
     if content_sha256 != actual {
@@ -152,7 +180,14 @@ pub fn v1_string_to_sign(method: &Method, params: &BTreeMap<String, String>) -> 
 }
 
 /// ACS3: `ACS3-HMAC-SHA256\n` + hex(SHA-256(canonical request)).
-pub fn acs3_string_to_sign(method: &Method, path: &str, query: &BTreeMap<String, String>, headers: &HeaderMap, signed_headers: &[String], content_sha256: &str) -> String {
+pub fn acs3_string_to_sign(
+    method: &Method,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+    signed_headers: &[String],
+    content_sha256: &str,
+) -> String {
     let mut canonical = format!("{}\n{}\n{}\n", method.as_str(), path, canonical_query(query, &[]));
     for h in signed_headers {
         let mut values: Vec<&str> =
@@ -172,7 +207,15 @@ pub fn acs3_string_to_sign(method: &Method, path: &str, query: &BTreeMap<String,
 
 /// Verifies the claimed signature with the AccessKey's secret. `query` holds only the query-string
 /// parameters (what ACS3 signs); `params` every parameter (what v1 signs).
-pub fn verify(claim: &Claim, secret: &[u8], method: &Method, path: &str, query: &BTreeMap<String, String>, params: &BTreeMap<String, String>, headers: &HeaderMap) -> Result<(), OapiError> {
+pub fn verify(
+    claim: &Claim,
+    secret: &[u8],
+    method: &Method,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    params: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(), OapiError> {
     match &claim.scheme {
         Scheme::V1 { signature } => {
             let sts = v1_string_to_sign(method, params);
@@ -219,11 +262,15 @@ mod tests {
 
     #[test]
     fn v1_string_to_sign_has_the_vendor_layout() {
-        let p: BTreeMap<String, String> = [("Action", "ListKeys"), ("Timestamp", "2026-11-22T07:00:00Z"), ("Signature", "x")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        assert_eq!(v1_string_to_sign(&Method::POST, &p), "POST&%2F&Action%3DListKeys%26Timestamp%3D2026-11-22T07%253A00%253A00Z");
+        let p: BTreeMap<String, String> =
+            [("Action", "ListKeys"), ("Timestamp", "2026-11-22T07:00:00Z"), ("Signature", "x")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        assert_eq!(
+            v1_string_to_sign(&Method::POST, &p),
+            "POST&%2F&Action%3DListKeys%26Timestamp%3D2026-11-22T07%253A00%253A00Z"
+        );
     }
 
     #[test]
