@@ -139,6 +139,9 @@ out["re_encrypt"] = [re.key_id == other, c.decrypt(m.DecryptRequest(ciphertext_b
 # ---- disable / schedule deletion -----------------------------------------------------------------------
 c.disable_key(m.DisableKeyRequest(key_id=aes))
 out["err_disabled"] = err(lambda: c.encrypt(m.EncryptRequest(key_id=aes, plaintext="x")))
+disabled = c.list_keys(m.ListKeysRequest(page_size=100, filters='[{"Key":"KeyState","Values":["Disabled"]}]')).body.to_map()
+out["list_keys_filter"] = [k["KeyId"] for k in disabled["Keys"]["Key"]] == [aes]
+out["err_bad_filter"] = err(lambda: c.list_keys(m.ListKeysRequest(filters='[{"Key":"Color","Values":["red"]}]')))
 out["err_disabled_decrypt"] = err(lambda: c.decrypt(m.DecryptRequest(ciphertext_blob=old.ciphertext_blob)))
 c.enable_key(m.EnableKeyRequest(key_id=aes))
 c.schedule_key_deletion(m.ScheduleKeyDeletionRequest(key_id=aes, pending_window_in_days=7))
@@ -206,6 +209,8 @@ out["secret_versions"] = sorted(v["VersionId"] for v in ids["VersionIds"]["Versi
 c.update_secret_version_stage(m.UpdateSecretVersionStageRequest(secret_name=sname, version_stage="ACSCurrent",
                                                                  move_to_version="v1", remove_from_version="v2"))
 out["secret_rolled_back"] = c.get_secret_value(m.GetSecretValueRequest(secret_name=sname)).body.secret_data
+named = c.list_secrets(m.ListSecretsRequest(filters=json.dumps([{"Key": "SecretName", "Values": [sname]}]))).body.to_map()
+out["secret_filter"] = [x["SecretName"] for x in named["SecretList"]["Secret"]] == [sname]
 out["secret_listed"] = any(s["SecretName"] == sname for s in c.list_secrets(m.ListSecretsRequest(page_size=100)).body.to_map()["SecretList"]["Secret"])
 planned = c.delete_secret(m.DeleteSecretRequest(secret_name=sname, recovery_window_in_days="7")).body.planned_delete_time
 out["secret_deleted"] = [bool(planned), err(lambda: c.get_secret_value(m.GetSecretValueRequest(secret_name=sname)))]

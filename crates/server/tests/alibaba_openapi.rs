@@ -168,6 +168,9 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     assert_eq!(r["secret_versions"], serde_json::json!(["v1", "v2"]));
     assert_eq!(r["secret_rolled_back"], "v1-data");
     assert_eq!(r["secret_listed"], true);
+    assert_eq!(r["secret_filter"], true);
+    assert_eq!(r["list_keys_filter"], true);
+    err("err_bad_filter", "InvalidParameter", 400);
     assert_eq!(r["secret_deleted"], serde_json::json!([true, ["Forbidden.ResourceNotFound", 404, true]]));
     assert_eq!(r["secret_restored"], "v1-data");
     err("secret_forced", "Forbidden.ResourceNotFound", 404);

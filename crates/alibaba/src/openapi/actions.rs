@@ -458,25 +458,8 @@ impl Ctx<'_> {
 
     async fn list_keys(&self) -> Result<Value, OapiError> {
         let paging = page(self.p)?;
-        // Filters: [{"Key": "KeyState"|"KeySpec"|"KeyUsage"|"ProtectionLevel"|"CreatorType", "Values": [...]}].
-        let mut filters: Vec<(String, Vec<String>)> = Vec::new();
-        if let Some(v) = self.p.json("Filters")? {
-            let Value::Array(items) = v else { return Err(OapiError::invalid("Filters")) };
-            for item in items {
-                let key = item.get("Key").and_then(Value::as_str).ok_or_else(|| OapiError::invalid("Filters"))?;
-                if !matches!(key, "KeyState" | "KeySpec" | "KeyUsage" | "ProtectionLevel" | "CreatorType") {
-                    return Err(OapiError::invalid("Filters"));
-                }
-                let values = item
-                    .get("Values")
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| OapiError::invalid("Filters"))?
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| OapiError::invalid("Filters")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                filters.push((key.to_owned(), values));
-            }
-        }
+        // Exact matches of the metadata fields; CreatorType is always User here (no service-managed keys).
+        let filters = self.filters(&["KeyState", "KeySpec", "KeyUsage", "ProtectionLevel", "CreatorType"])?;
         let internal = self.internal_ids().await;
         let keys: Vec<Value> = self
             .all_keys()
@@ -1091,14 +1074,61 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// `Filters` of ListKeys and ListSecrets: `[{"Key": <name>, "Values": [...]}]` with names from `allowed`.
+    fn filters(&self, allowed: &[&str]) -> Result<Vec<(String, Vec<String>)>, OapiError> {
+        let mut filters = Vec::new();
+        let Some(v) = self.p.json("Filters")? else { return Ok(filters) };
+        let Value::Array(items) = v else { return Err(OapiError::invalid("Filters")) };
+        for item in items {
+            let key = item.get("Key").and_then(Value::as_str).ok_or_else(|| OapiError::invalid("Filters"))?;
+            if !allowed.contains(&key) {
+                return Err(OapiError::invalid("Filters"));
+            }
+            let values = item
+                .get("Values")
+                .and_then(Value::as_array)
+                .ok_or_else(|| OapiError::invalid("Filters"))?
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| OapiError::invalid("Filters")))
+                .collect::<Result<Vec<_>, _>>()?;
+            filters.push((key.to_owned(), values));
+        }
+        Ok(filters)
+    }
+
     async fn list_secrets(&self) -> Result<Value, OapiError> {
         let paging = page(self.p)?;
+        // SecretName and Description match by substring, TagKey and TagValue exactly; filters are ANDed, the
+        // values of one filter ORed.
+        let filters = self.filters(&["SecretName", "Description", "TagKey", "TagValue"])?;
+        let keep = |s: &Value| {
+            filters.iter().all(|(f, values)| {
+                values.iter().any(|v| match f.as_str() {
+                    "SecretName" => s["SecretName"].as_str().is_some_and(|n| n.contains(v.as_str())),
+                    "Description" => s["Description"].as_str().is_some_and(|d| d.contains(v.as_str())),
+                    "TagKey" => {
+                        s["Tags"]["Tag"].as_array().is_some_and(|t| t.iter().any(|t| t["TagKey"] == v.as_str()))
+                    }
+                    _ => s["Tags"]["Tag"].as_array().is_some_and(|t| t.iter().any(|t| t["TagValue"] == v.as_str())),
+                })
+            })
+        };
         let mut all = Vec::new();
         let mut req = PageRequest::first(PageRequest::MAX_LIMIT);
         let filter = SecretListFilter::default();
         loop {
             let p = self.d().list_secrets(self.caller, &filter, &req).await?;
-            all.extend(p.items.iter().map(|s| self.secret_summary(s)));
+            all.extend(
+                p.items
+                    .iter()
+                    .map(|s| {
+                        let mut v = self.secret_summary(s);
+                        v["Description"] =
+                            s.metadata.get("description").cloned().unwrap_or(Value::String(String::new()));
+                        v
+                    })
+                    .filter(|v| keep(v)),
+            );
             match p.next {
                 Some(n) if all.len() < MAX_LISTED => req.after = Some(n),
                 _ => break,
