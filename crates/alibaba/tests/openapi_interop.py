@@ -245,6 +245,32 @@ raw = base64.b64decode(ie.ciphertext_blob)
 out["imported_local"] = AESGCM(material).decrypt(raw[36:48], raw[48:], None).decode()
 c.delete_key_material(m.DeleteKeyMaterialRequest(key_id=ext.key_id))
 out["after_delete_material"] = err(lambda: c.decrypt(m.DecryptRequest(ciphertext_blob=ie.ciphertext_blob)))
+p3 = c.get_parameters_for_import(m.GetParametersForImportRequest(key_id=ext.key_id, wrapping_algorithm="RSAES_OAEP_SHA_256",
+                                                                 wrapping_key_spec="RSA_2048")).body
+rewrapped = serialization.load_der_public_key(base64.b64decode(p3.public_key)).encrypt(
+    material, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
+c.import_key_material(m.ImportKeyMaterialRequest(key_id=ext.key_id, encrypted_key_material=base64.b64encode(rewrapped).decode(),
+                                                 import_token=p3.import_token))
+out["reimported"] = c.decrypt(m.DecryptRequest(ciphertext_blob=ie.ciphertext_blob)).body.plaintext
+out["err_token_reused"] = err(lambda: c.import_key_material(m.ImportKeyMaterialRequest(
+    key_id=ext.key_id, encrypted_key_material=base64.b64encode(rewrapped).decode(), import_token=p3.import_token)))
+# ProtectionLevel=HSM: the PKCS#11 (SoftHSM) backend, for generated and for imported material.
+hg = c.create_key(m.CreateKeyRequest(protection_level="HSM")).body.key_metadata
+hge = c.encrypt(m.EncryptRequest(key_id=hg.key_id, plaintext="in the hsm")).body
+out["hsm_generated"] = [hg.protection_level, c.decrypt(m.DecryptRequest(ciphertext_blob=hge.ciphertext_blob)).body.plaintext]
+hx = c.create_key(m.CreateKeyRequest(origin="EXTERNAL", protection_level="HSM")).body.key_metadata
+hxp = c.get_parameters_for_import(m.GetParametersForImportRequest(key_id=hx.key_id, wrapping_algorithm="RSAES_OAEP_SHA_1",
+                                                                  wrapping_key_spec="RSA_2048")).body
+hsm_material = bytes(range(100, 132))
+hxw = serialization.load_der_public_key(base64.b64decode(hxp.public_key)).encrypt(
+    hsm_material, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None))
+c.import_key_material(m.ImportKeyMaterialRequest(key_id=hx.key_id, encrypted_key_material=base64.b64encode(hxw).decode(),
+                                                 import_token=hxp.import_token))
+hxe = c.encrypt(m.EncryptRequest(key_id=hx.key_id, plaintext="imported into the hsm")).body
+raw = base64.b64decode(hxe.ciphertext_blob)
+out["hsm_imported"] = [hx.protection_level, c.describe_key(m.DescribeKeyRequest(key_id=hx.key_id)).body.key_metadata.key_state,
+                       c.decrypt(m.DecryptRequest(ciphertext_blob=hxe.ciphertext_blob)).body.plaintext,
+                       AESGCM(hsm_material).decrypt(raw[36:48], raw[48:], None).decode()]
 out["err_unsupported_origin"] = err(lambda: c.create_key(m.CreateKeyRequest(origin="EXTERNAL", key_spec="RSA_2048", key_usage="SIGN/VERIFY")))
 out["err_unsupported_protection"] = err(lambda: c.create_key(m.CreateKeyRequest(protection_level="QUANTUM")))
 strict = tea(ep=strict_endpoint)

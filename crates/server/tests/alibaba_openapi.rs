@@ -69,7 +69,16 @@ async fn serve(router: axum::Router) -> (std::net::SocketAddr, tokio::sync::ones
 async fn the_vendor_openapi_sdks_work_unchanged() {
     let python = python();
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    // A SoftHSM member next to the software backend, for ProtectionLevel=HSM and PKCS#11 key import.
+    let var = |name: &str| {
+        std::env::var(name)
+            .unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test (it creates a SoftHSM token)"))
+    };
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    let mut member =
+        kmsgate_hsm::Pkcs11Config::new("hsm", var("KMSGATE_TEST_P11_MODULE"), var("KMSGATE_TEST_P11_TOKEN"));
+    member.pin_file = Some(var("KMSGATE_TEST_P11_PIN_FILE").into());
+    config.backend.pkcs11 = vec![member];
     let (app, _) = App::open(config).await.unwrap();
     let d = app.dispatcher.clone();
     let admin = app.admin();
@@ -174,12 +183,19 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     assert_eq!(r["secret_deleted"], serde_json::json!([true, ["Forbidden.ResourceNotFound", 404, true]]));
     assert_eq!(r["secret_restored"], "v1-data");
     err("secret_forced", "Forbidden.ResourceNotFound", 404);
-    err("err_secret_exists", "Rejected.ResourceExist", 409);
+    err("err_secret_exists", "Rejected.ResourceExist", 400);
     assert_eq!(r["random_password"], serde_json::json!([20, true]));
     assert_eq!(r["import_state"], "PendingImport");
     assert_eq!(r["imported"], serde_json::json!(["Enabled", "imported"]));
     assert_eq!(r["imported_local"], "imported");
+    assert_eq!(r["hsm_generated"], serde_json::json!(["HSM", "in the hsm"]));
+    assert_eq!(
+        r["hsm_imported"],
+        serde_json::json!(["HSM", "Enabled", "imported into the hsm", "imported into the hsm"])
+    );
     err("after_delete_material", "Rejected.PendingImport", 409);
+    assert_eq!(r["reimported"], "imported");
+    err("err_token_reused", "InvalidImportToken", 400);
     assert_eq!(r["transfer_from_openapi"], "openapi to instance");
     assert_eq!(r["transfer_to_openapi"], "instance to openapi");
     assert_eq!(r["transfer_data_key"], true);

@@ -159,7 +159,7 @@ impl Ctx<'_> {
             Err(e) if by_alias && e.code == "Forbidden.KeyNotFound" => Err(OapiError::alias_not_found()),
             // The core's generic "already exists" is an alias conflict everywhere but for secrets.
             Err(e) if secret_action && e.code == "AliasAlreadyExists" => {
-                Err(OapiError::new(StatusCode::CONFLICT, "Rejected.ResourceExist", "The secret already exists."))
+                Err(OapiError::new(StatusCode::BAD_REQUEST, "Rejected.ResourceExist", "The secret already exists."))
             }
             other => other,
         }

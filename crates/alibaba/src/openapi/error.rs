@@ -155,11 +155,9 @@ pub fn status_and_code(kind: ErrorKind) -> (StatusCode, &'static str) {
         // An Enabled key refused for its state: a state change that does not apply to it.
         ErrorKind::InvalidKeyState(_) => (S::CONFLICT, "Rejected.StateModifiedFailed"),
         ErrorKind::InvalidKeyUsage => (S::BAD_REQUEST, "Forbidden.KeyUsageNotMatch"),
-        ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound | ErrorKind::SecretExpired => {
-            (S::NOT_FOUND, "Forbidden.ResourceNotFound")
-        }
-        ErrorKind::SecretExists => (S::CONFLICT, "Rejected.ResourceExist"),
-        ErrorKind::VersionConflict => (S::CONFLICT, "Rejected.ResourceExist"),
+        ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound => (S::NOT_FOUND, "Forbidden.ResourceNotFound"),
+        ErrorKind::SecretExpired => (S::BAD_REQUEST, "Rejected.Expired"),
+        ErrorKind::SecretExists | ErrorKind::VersionConflict => (S::BAD_REQUEST, "Rejected.ResourceExist"),
         ErrorKind::InvalidCiphertext => (S::BAD_REQUEST, "InvalidParameter"),
         ErrorKind::Throttled => (S::TOO_MANY_REQUESTS, "Rejected.Throttling"),
         ErrorKind::QuotaExceeded => (S::BAD_REQUEST, "Rejected.LimitExceeded"),
@@ -219,10 +217,9 @@ mod tests {
                 ErrorKind::InvalidKeyState(KeyState::PendingDeletion) => (409, "Rejected.PendingDeletion"),
                 ErrorKind::InvalidKeyState(KeyState::PendingImport) => (409, "Rejected.PendingImport"),
                 ErrorKind::InvalidKeyUsage => (400, "Forbidden.KeyUsageNotMatch"),
-                ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound | ErrorKind::SecretExpired => {
-                    (404, "Forbidden.ResourceNotFound")
-                }
-                ErrorKind::SecretExists | ErrorKind::VersionConflict => (409, "Rejected.ResourceExist"),
+                ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound => (404, "Forbidden.ResourceNotFound"),
+                ErrorKind::SecretExpired => (400, "Rejected.Expired"),
+                ErrorKind::SecretExists | ErrorKind::VersionConflict => (400, "Rejected.ResourceExist"),
                 ErrorKind::Throttled => (429, "Rejected.Throttling"),
                 ErrorKind::QuotaExceeded => (400, "Rejected.LimitExceeded"),
                 ErrorKind::Unsupported => (400, "UnsupportedOperation"),
