@@ -359,6 +359,8 @@ out["err_invalid_parameter"] = err(lambda: c.schedule_key_deletion(m.ScheduleKey
 put = CommonRequest(domain=host, version="2016-01-20", action_name="ListKeys")
 put.set_protocol_type("http"); put.set_method("PUT")
 out["err_unsupported_method"] = err(lambda: core.do_action_with_exception(put))
+out["err_too_large"] = err(lambda: tea_call(c, "Encrypt", {"KeyId": ck}, {"Plaintext": "x" * (3 * 1024 * 1024 + 10)}))
+out["err_plaintext_too_large"] = err(lambda: c.encrypt(m.EncryptRequest(key_id=ck, plaintext="x" * 6145)))
 blob = base64.b64encode(sys.argv[7].encode() + b"\0" * 12 + b"\1" * 24).decode()
 out["err_internal"] = err(lambda: c.decrypt(m.DecryptRequest(ciphertext_blob=blob)))
 

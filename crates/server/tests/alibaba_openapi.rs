@@ -239,6 +239,8 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     err("err_invalid_parameter", "InvalidParameter", 400);
     err("err_unsupported_method", "UnsupportedHTTPMethod", 403);
     err("err_internal", "InternalFailure", 500);
+    err("err_too_large", "InvalidParameter", 413);
+    err("err_plaintext_too_large", "InvalidParameter", 400);
     assert_eq!(r["err_throttled"], serde_json::json!([["Rejected.Throttling", 429, true]]));
     err("err_unavailable", "ServiceUnavailableTemporary", 503);
     err("err_limit", "Rejected.LimitExceeded", 400);

@@ -74,15 +74,31 @@ pub async fn handle(state: &OpenApiState, req: Request<Body>) -> Response {
     response
 }
 
+/// Reads the body up to `limit` bytes. A larger body is drained (up to twice the limit) before the 413 goes
+/// out: answering while the client is still sending makes it see a connection reset instead of our error.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, OapiError> {
     use http_body_util::BodyExt as _;
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(_) => {
-            Err(OapiError::new(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParameter", "The request body is too large."))
+    let mut body = body;
+    let mut out = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| OapiError::parse_failure("The request body could not be read."))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            out.extend_from_slice(&data);
+        } else if seen > limit.saturating_mul(2) {
+            break;
         }
     }
+    if seen > limit {
+        return Err(OapiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "InvalidParameter",
+            "The request body is too large.",
+        ));
+    }
+    Ok(out.freeze())
 }
 
 async fn process(

@@ -283,6 +283,97 @@ mod tests {
         assert_eq!(check_time(Some("yesterday"), now, w).unwrap_err().code, "IllegalTimestamp");
     }
 
+    fn acs3_headers(signed: &str, body: &[u8]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let date = now.format(&time::format_description::well_known::Rfc3339).unwrap();
+        h.insert("host", "127.0.0.1:1".parse().unwrap());
+        h.insert("x-acs-action", "ListKeys".parse().unwrap());
+        h.insert("x-acs-version", "2016-01-20".parse().unwrap());
+        h.insert("x-acs-date", date.parse().unwrap());
+        h.insert("x-acs-signature-nonce", "n1".parse().unwrap());
+        h.insert("x-acs-content-sha256", hex::encode(digest::digest(&digest::SHA256, body)).parse().unwrap());
+        let auth = format!("ACS3-HMAC-SHA256 Credential=LTAIx,SignedHeaders={signed},Signature=00ff");
+        h.insert("authorization", auth.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn acs3_requires_the_binding_headers_signed_and_the_body_hash() {
+        let all = "host;x-acs-action;x-acs-content-sha256;x-acs-date;x-acs-signature-nonce;x-acs-version";
+        let p = Params::default();
+        let w = Duration::from_secs(900);
+        let now = SystemTime::now();
+        let ok = claim(&Method::POST, &acs3_headers(all, b""), &p, b"", now, w).unwrap();
+        assert_eq!((ok.access_key_id.as_str(), ok.nonce.as_str()), ("LTAIx", "n1"));
+        let code = |h: &HeaderMap, body: &[u8]| claim(&Method::POST, h, &p, body, now, w).unwrap_err().code;
+        // The date left out of the signature could be replaced in flight.
+        assert_eq!(
+            code(&acs3_headers("host;x-acs-action;x-acs-content-sha256;x-acs-signature-nonce;x-acs-version", b""), b""),
+            "IncompleteSignature"
+        );
+        let mut extra = acs3_headers(all, b"");
+        extra.insert("x-acs-security-token", "t".parse().unwrap());
+        assert_eq!(code(&extra, b""), "IncompleteSignature", "every x-acs-* header is signed");
+        assert_eq!(code(&acs3_headers("x-acs-version;host", b""), b""), "IncompleteSignature", "sorted");
+        assert_eq!(code(&acs3_headers(all, b""), b"tampered"), "InvalidParameter", "the body hash binds the body");
+        let mut bad = acs3_headers(all, b"");
+        bad.insert("authorization", "ACS3-HMAC-SHA256 Credential=LTAIx".parse().unwrap());
+        assert_eq!(code(&bad, b""), "IncompleteSignature");
+        let mut other = acs3_headers(all, b"");
+        other.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(code(&other, b""), "IncompleteSignature");
+    }
+
+    #[test]
+    fn v1_requires_its_parameters() {
+        let w = Duration::from_secs(900);
+        let now = SystemTime::now();
+        let ts = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let ts = ts.format(&time::format_description::well_known::Rfc3339).unwrap();
+        let full = format!(
+            "AccessKeyId=LTAIx&Signature=AAAA&SignatureMethod=HMAC-SHA1&SignatureVersion=1.0&SignatureNonce=n&Timestamp={ts}"
+        );
+        let p = Params::parse(&full, None).unwrap();
+        assert!(claim(&Method::GET, &HeaderMap::new(), &p, b"", now, w).is_ok());
+        for (drop, code) in [
+            ("AccessKeyId", "MissingParameter"),
+            ("Signature", "IncompleteSignature"),
+            ("SignatureMethod", "IncompleteSignature"),
+            ("SignatureNonce", "MissingParameter"),
+            ("Timestamp", "IllegalTimestamp"),
+        ] {
+            let mut q = p.clone();
+            q.0.remove(drop);
+            assert_eq!(claim(&Method::GET, &HeaderMap::new(), &q, b"", now, w).unwrap_err().code, code, "{drop}");
+        }
+        let mut sha256 = p.clone();
+        sha256.0.insert("SignatureMethod".into(), "HMAC-SHA256".into());
+        assert_eq!(
+            claim(&Method::GET, &HeaderMap::new(), &sha256, b"", now, w).unwrap_err().code,
+            "IncompleteSignature"
+        );
+    }
+
+    #[test]
+    fn verification_is_exact() {
+        let p = Params::parse("AccessKeyId=LTAIx&Action=ListKeys&SignatureMethod=HMAC-SHA1&SignatureVersion=1.0&SignatureNonce=n&Timestamp=2026-11-22T07%3A00%3A00Z", None).unwrap();
+        let sts = v1_string_to_sign(&Method::POST, &p.0);
+        let k = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, b"secret&");
+        let sig = hmac::sign(&k, sts.as_bytes());
+        let claim = Claim {
+            access_key_id: "LTAIx".into(),
+            nonce: "n".into(),
+            scheme: Scheme::V1 { signature: sig.as_ref().to_vec() },
+        };
+        let h = HeaderMap::new();
+        assert!(verify(&claim, b"secret", &Method::POST, "/", &p.0, &p.0, &h).is_ok());
+        let e = verify(&claim, b"secreT", &Method::POST, "/", &p.0, &p.0, &h).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "SignatureDoesNotMatch"));
+        assert!(!e.message.contains("secret"), "the message never carries the secret");
+        assert!(verify(&claim, b"secret", &Method::GET, "/", &p.0, &p.0, &h).is_err(), "the method is signed");
+    }
+
     #[tokio::test]
     async fn a_nonce_is_accepted_once_per_access_key() {
         let c = NonceCache::new(Duration::from_secs(60));
