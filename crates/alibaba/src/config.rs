@@ -19,8 +19,8 @@ pub struct AlibabaConfig {
     /// Requests per second each ClientKey may make unless it has its own limit
     /// (`kmsgate alibaba client-keys create --qps`); 0: unlimited. Excess requests get 429 Rejected.Throttling.
     pub client_key_qps: u32,
-    /// Serve the OpenAPI (RPC style, `Version=2016-01-20`) on `/` for requests without `x-kms-apiname`
-    /// (docs/alibaba-openapi.md).
+    /// Serve the OpenAPI (RPC style, `Version=2016-01-20`) on `/` for requests without `x-kms-*` headers or a
+    /// protobuf body (docs/alibaba-openapi.md).
     pub openapi_enabled: bool,
     /// Requests per second each OpenAPI AccessKey may make; 0: unlimited. Excess requests get 429
     /// Rejected.Throttling.

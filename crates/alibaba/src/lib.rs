@@ -63,14 +63,46 @@ struct Both {
     openapi: Arc<openapi::OpenApiState>,
 }
 
-/// One listener, two protocols told apart by request shape: the instance SDKs always send `POST /` with an
-/// `x-kms-apiname` header, which no OpenAPI request carries.
+/// One listener, two protocols told apart by request shape: the instance SDKs always send `POST /` with
+/// `x-kms-*` headers (`x-kms-apiname`, `x-kms-apiversion`, ...) and a protobuf body, none of which an OpenAPI
+/// request carries. A request with either is the instance API's, so even one missing `x-kms-apiname` gets the
+/// instance API's own error.
+fn is_instance(req: &Request<Body>) -> bool {
+    let h = req.headers();
+    let protobuf = h
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("application/x-protobuf"));
+    req.method() == Method::POST && (protobuf || h.keys().any(|k| k.as_str().starts_with("x-kms-")))
+}
+
 async fn split(State(both): State<Arc<Both>>, req: Request<Body>) -> Response {
-    if req.method() == Method::POST
-        && req.headers().contains_key("x-kms-apiname")
+    if is_instance(&req)
         && let Some(instance) = &both.instance
     {
         return service::handle(State(instance.clone()), req).await.into_response();
     }
     openapi::handle(&both.openapi, req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_protocols_are_told_apart_by_shape() {
+        let req = |method: Method, headers: &[(&str, &str)]| {
+            let mut b = Request::builder().method(method).uri("/?Action=ListKeys");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(Body::empty()).unwrap_or_default()
+        };
+        assert!(is_instance(&req(Method::POST, &[("x-kms-apiname", "Encrypt")])));
+        assert!(is_instance(&req(Method::POST, &[("x-kms-apiversion", "dkms-gcs-0.2")])), "even without the name");
+        assert!(is_instance(&req(Method::POST, &[("content-type", "application/x-protobuf")])));
+        assert!(!is_instance(&req(Method::POST, &[("content-type", "application/x-www-form-urlencoded")])));
+        assert!(!is_instance(&req(Method::POST, &[("x-acs-action", "ListKeys")])));
+        assert!(!is_instance(&req(Method::GET, &[("x-kms-apiname", "Encrypt")])), "the instance API is POST only");
+    }
 }

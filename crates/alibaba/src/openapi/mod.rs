@@ -1,6 +1,6 @@
 //! The Alibaba Cloud KMS OpenAPI (RPC style, `Version=2016-01-20`) on the same listener and path as the
-//! instance API: a request to `/` carrying `x-kms-apiname` is the instance API, every other request to `/`
-//! (GET or POST, action in `Action` or `x-acs-action`) is the OpenAPI. Parameters come from the query string
+//! instance API: a `POST /` with `x-kms-*` headers or a protobuf body is the instance API, every other request
+//! to `/` (GET or POST, action in `Action` or `x-acs-action`) is the OpenAPI. Parameters come from the query string
 //! and an `application/x-www-form-urlencoded` body; answers are JSON, or XML with `Format=XML`.
 
 pub mod accesskey;
