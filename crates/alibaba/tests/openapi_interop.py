@@ -4,7 +4,7 @@ signature_algorithm="v2") and aliyun-python-sdk-kms on aliyun-python-sdk-core (s
 instance SDK's TransferClient for ciphertext conversion. Prints one JSON object of results.
 
 argv: endpoint strict_endpoint access_key_file revoked_access_key_id client_key_id client_key_pem
-     broken_version_id faulty_endpoint quota_endpoint sealing_key_id
+     broken_version_id faulty_endpoint quota_endpoint sealing_key_id expired_secret_name
 (strict_endpoint: the same gateway with a 1-second import-token lifetime and 1 request/s per AccessKey;
 broken_version_id: a key version whose index record is malformed; faulty_endpoint: see the end;
 sealing_key_id: the tenant's internal key that seals the AccessKey secrets)
@@ -118,6 +118,7 @@ listed = c.list_keys(m.ListKeysRequest(page_size=100)).body.to_map()["Keys"]["Ke
 sealing = sys.argv[10]
 out["internal_hidden"] = [all(k["KeyId"] != sealing for k in listed),
                           err(lambda: c.disable_key(m.DisableKeyRequest(key_id=sealing))),
+                          err(lambda: c.encrypt(m.EncryptRequest(key_id=sealing, plaintext="x"))),
                           err(lambda: c.create_alias(m.CreateAliasRequest(alias_name="alias/kmsgate-internal/x", key_id=aes)))]
 out["list_keys_paging"] = (len(page1["Keys"]["Key"]) == 2 and page1["TotalCount"] >= 4 and
                            {k["KeyId"] for k in page1["Keys"]["Key"]}.isdisjoint({k["KeyId"] for k in page2["Keys"]["Key"]}))
@@ -363,6 +364,11 @@ out["err_too_large"] = err(lambda: tea_call(c, "Encrypt", {"KeyId": ck}, {"Plain
 out["err_plaintext_too_large"] = err(lambda: c.encrypt(m.EncryptRequest(key_id=ck, plaintext="x" * 6145)))
 blob = base64.b64encode(sys.argv[7].encode() + b"\0" * 12 + b"\1" * 24).decode()
 out["err_internal"] = err(lambda: c.decrypt(m.DecryptRequest(ciphertext_blob=blob)))
+
+out["err_invalid_action"] = err(lambda: tea_call(c, "MakeCoffee", {}))
+out["err_key_usage"] = err(lambda: c.asymmetric_sign(m.AsymmetricSignRequest(key_id=ck, algorithm="RSA_PSS_SHA_256", digest=digest)))
+out["err_unsupported"] = err(lambda: c.create_key(m.CreateKeyRequest(enable_automatic_rotation=True, rotation_interval="30d")))
+out["err_secret_expired"] = err(lambda: c.get_secret_value(m.GetSecretValueRequest(secret_name=sys.argv[11])))
 
 # ---- the strict endpoint: 1 request/s per AccessKey -----------------------------------------------------
 results = [err(lambda: strict.list_keys(m.ListKeysRequest())) for _ in range(3)]

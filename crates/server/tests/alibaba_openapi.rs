@@ -10,7 +10,10 @@ use kmsgate::app::App;
 use kmsgate::config::Config;
 use kmsgate_alibaba::openapi::accesskey;
 use kmsgate_alibaba::{AlibabaConfig, KIND_VERSION_INDEX, clientkey};
-use kmsgate_core::{Caller, Dispatcher, Document, Error, ErrorKind, KeyRef, Operation, Precondition};
+use kmsgate_core::{
+    Caller, Dispatcher, Document, Error, ErrorKind, KeyRef, Operation, Precondition, PutSecretRequest, SecretPath,
+    Timestamp,
+};
 
 fn python() -> String {
     if let Ok(p) = std::env::var("KMSGATE_TEST_PYTHON") {
@@ -96,6 +99,10 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     let doc = Document::new(KIND_VERSION_INDEX, &broken, app.tenant.clone(), serde_json::json!({ "nope": 1 }));
     d.put_document(&admin, doc, Precondition::Absent).await.unwrap();
 
+    // A secret whose expiry passes before the script reads it.
+    let mut expiring = PutSecretRequest::new(SecretPath::parse("app/expired").unwrap(), b"gone".to_vec());
+    expiring.expires_at = Some(Some(Timestamp(Timestamp::now().0 + 500)));
+    d.put_secret(&admin, expiring).await.unwrap();
     let sealing_alias = KeyRef::parse(Dispatcher::SEALING_ALIAS).unwrap();
     let sealing = d.resolve(&app.tenant, &sealing_alias).await.unwrap().id.to_string();
     let (main, stop_main) = serve(kmsgate::serve::router(&app)).await;
@@ -131,6 +138,7 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
         faulty.to_string(),
         quota.to_string(),
         sealing,
+        "app/expired".to_owned(),
     ];
     let output = tokio::task::spawn_blocking(move || std::process::Command::new(python).args(args).output().unwrap())
         .await
@@ -156,7 +164,12 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     assert_eq!(r["list_keys_paging"], true);
     assert_eq!(
         r["internal_hidden"],
-        serde_json::json!([true, ["Forbidden.KeyNotFound", 404, true], ["Unsupported.Alias", 400, true]])
+        serde_json::json!([
+            true,
+            ["Forbidden.KeyNotFound", 404, true],
+            ["Forbidden.KeyNotFound", 404, true],
+            ["Unsupported.Alias", 400, true]
+        ])
     );
     assert_eq!(r["rotate"], serde_json::json!([true, true, "before rotation", "after rotation"]));
     assert_eq!(r["list_key_versions"], 2);
@@ -239,6 +252,10 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     err("err_invalid_parameter", "InvalidParameter", 400);
     err("err_unsupported_method", "UnsupportedHTTPMethod", 403);
     err("err_internal", "InternalFailure", 500);
+    err("err_invalid_action", "InvalidAction", 403);
+    err("err_key_usage", "Rejected.InvalidKeyUsage", 400);
+    err("err_unsupported", "UnsupportedOperation", 400);
+    err("err_secret_expired", "Rejected.Expired", 400);
     err("err_too_large", "InvalidParameter", 413);
     err("err_plaintext_too_large", "InvalidParameter", 400);
     assert_eq!(r["err_throttled"], serde_json::json!([["Rejected.Throttling", 429, true]]));

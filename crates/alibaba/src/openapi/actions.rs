@@ -670,6 +670,7 @@ impl Ctx<'_> {
         if plaintext.len() > self.state.config.max_symmetric_plaintext_bytes {
             return Err(OapiError::invalid("Plaintext"));
         }
+        self.guard(&key).await?;
         let req = EncryptRequest { key, algorithm: Some(EncryptionAlgorithm::AesGcm), plaintext, aad, iv: None };
         let e = self.d().encrypt(self.caller, req).await?;
         self.index_version(e.version, e.key_id.as_str()).await?;
@@ -692,6 +693,7 @@ impl Ctx<'_> {
             .and_then(|s| Uuid::parse_str(s).ok())
             .ok_or_else(|| OapiError::invalid(blob_param))?;
         let key = self.key_of_version(&self.caller.tenant, version).await?;
+        self.guard(&key).await?;
         let iv = blob[VERSION_ID_LEN..VERSION_ID_LEN + IV_LEN].to_vec();
         let body = &blob[VERSION_ID_LEN + IV_LEN..];
         let (ct, tag) = body.split_at(body.len() - TAG_LEN);

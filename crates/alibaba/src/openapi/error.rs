@@ -154,7 +154,7 @@ pub fn status_and_code(kind: ErrorKind) -> (StatusCode, &'static str) {
         ErrorKind::InvalidKeyState(KeyState::PendingImport) => (S::CONFLICT, "Rejected.PendingImport"),
         // An Enabled key refused for its state: a state change that does not apply to it.
         ErrorKind::InvalidKeyState(_) => (S::CONFLICT, "Rejected.StateModifiedFailed"),
-        ErrorKind::InvalidKeyUsage => (S::BAD_REQUEST, "Forbidden.KeyUsageNotMatch"),
+        ErrorKind::InvalidKeyUsage => (S::BAD_REQUEST, "Rejected.InvalidKeyUsage"),
         ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound => (S::NOT_FOUND, "Forbidden.ResourceNotFound"),
         ErrorKind::SecretExpired => (S::BAD_REQUEST, "Rejected.Expired"),
         ErrorKind::SecretExists | ErrorKind::VersionConflict => (S::BAD_REQUEST, "Rejected.ResourceExist"),
@@ -216,7 +216,7 @@ mod tests {
                 ErrorKind::InvalidKeyState(KeyState::Disabled) => (409, "Rejected.Disabled"),
                 ErrorKind::InvalidKeyState(KeyState::PendingDeletion) => (409, "Rejected.PendingDeletion"),
                 ErrorKind::InvalidKeyState(KeyState::PendingImport) => (409, "Rejected.PendingImport"),
-                ErrorKind::InvalidKeyUsage => (400, "Forbidden.KeyUsageNotMatch"),
+                ErrorKind::InvalidKeyUsage => (400, "Rejected.InvalidKeyUsage"),
                 ErrorKind::SecretNotFound | ErrorKind::SecretVersionNotFound => (404, "Forbidden.ResourceNotFound"),
                 ErrorKind::SecretExpired => (400, "Rejected.Expired"),
                 ErrorKind::SecretExists | ErrorKind::VersionConflict => (400, "Rejected.ResourceExist"),
