@@ -86,8 +86,8 @@ pub(super) async fn get_parameters(ctx: &Ctx<'_>) -> Result<Value, OapiError> {
     let d = &ctx.state.dispatcher;
     let admin = admin_of(ctx);
     let sealed = d.seal(&admin, &purpose(&token), &pkcs8).await?;
-    let ttl_days_ms = i64::try_from(ctx.state.config.import_token_ttl_secs).unwrap_or(86_400).saturating_mul(1000);
-    let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl_days_ms));
+    let ttl_ms = i64::try_from(ctx.state.config.import_token_ttl_secs).unwrap_or(86_400).saturating_mul(1000);
+    let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl_ms));
     let body = TokenBody {
         key_id: k.id.to_string(),
         algorithm: algorithm.to_owned(),

@@ -131,7 +131,7 @@ async fn process(
         None => return Err(OapiError::missing("Version")),
     }
     let window = Duration::from_secs(state.config.max_clock_skew_secs);
-    let claim = sign::claim(&parts.method, &headers, &params, &body, SystemTime::now(), window)?;
+    let claim = sign::claim(&headers, &params, &body, SystemTime::now(), window)?;
     *access_key_out = claim.access_key_id.chars().take(64).collect();
     let (tenant, identity, secret) = match accesskey::lookup(&state.dispatcher, &claim.access_key_id).await? {
         accesskey::Lookup::Active { tenant, identity, secret } => (tenant, identity, secret),
