@@ -307,6 +307,8 @@ eck = core_call(r)["KeyMetadata"]
 r = AsymmetricSignRequest.AsymmetricSignRequest(); r.set_KeyId(eck["KeyId"]); r.set_KeyVersionId(eck["PrimaryKeyVersion"])
 r.set_Algorithm("ECDSA_SHA_256"); r.set_Digest(digest)
 out["core_sign"] = len(base64.b64decode(core_call(r)["Value"])) > 60
+r = ListKeysRequest.ListKeysRequest(); r.set_method("GET"); r.set_PageSize(100)
+out["core_get"] = any(k["KeyId"] == ck for k in core_call(r)["Keys"]["Key"])
 r = DescribeKeyRequest.DescribeKeyRequest(); r.set_KeyId("no-such-key")
 out["core_err_key_not_found"] = err(lambda: core_call(r))
 out["core_wrong_secret"] = err(lambda: AcsClient(ak, secret + "x", "cn-hangzhou", port=int(port), auto_retry=False)

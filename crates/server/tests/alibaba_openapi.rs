@@ -215,6 +215,7 @@ async fn the_vendor_openapi_sdks_work_unchanged() {
     assert_eq!(r["core_decrypt"], "from the old sdk");
     assert_eq!(r["core_data_key"], true);
     assert_eq!(r["core_sign"], true);
+    assert_eq!(r["core_get"], true, "GET with the parameters in the query");
     assert_eq!(r["xml_success"], serde_json::json!([200, "DescribeKeyResponse", true, true]));
     assert_eq!(r["xml_error"], serde_json::json!([404, "KMS", "Forbidden.KeyNotFound", "404"]));
     assert_eq!(r["replay_first"], true);
