@@ -41,7 +41,7 @@ enum Command {
     /// Manage AWS KMS external key stores (XKS) and their SigV4 credentials.
     #[command(subcommand)]
     Xks(xks_cli::XksCommand),
-    /// Manage the Alibaba KMS instance API (ClientKeys).
+    /// Manage the Alibaba KMS instance API (ClientKeys) and OpenAPI (AccessKeys).
     #[command(subcommand)]
     Alibaba(alibaba_cli::AlibabaCommand),
     /// Inspect the PKCS#11 HSM fleet.
