@@ -52,6 +52,9 @@ pub enum Operation {
     /// A request a frontend refused before any operation ran: authentication, tenant or authorization failed
     /// (the secrets REST API's 401s and 403s). The outcome names the wire code.
     AccessCheck,
+    ImportKeyMaterial,
+    DeleteKeyMaterial,
+    TagKey,
 }
 
 impl Operation {
@@ -95,6 +98,9 @@ impl Operation {
         Operation::UpdateSecretVersionStage,
         Operation::PurgeSecret,
         Operation::AccessCheck,
+        Operation::ImportKeyMaterial,
+        Operation::DeleteKeyMaterial,
+        Operation::TagKey,
     ];
 
     /// The position in [`Operation::ALL`]. An exhaustive match, so a new operation cannot compile without a
@@ -139,6 +145,9 @@ impl Operation {
             Operation::UpdateSecretVersionStage => 35,
             Operation::PurgeSecret => 36,
             Operation::AccessCheck => 37,
+            Operation::ImportKeyMaterial => 38,
+            Operation::DeleteKeyMaterial => 39,
+            Operation::TagKey => 40,
         }
     }
 
@@ -182,6 +191,9 @@ impl Operation {
             Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
             Operation::PurgeSecret => "PurgeSecret",
             Operation::AccessCheck => "AccessCheck",
+            Operation::ImportKeyMaterial => "ImportKeyMaterial",
+            Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
+            Operation::TagKey => "TagKey",
         }
     }
 
@@ -210,6 +222,9 @@ impl Operation {
                 | Operation::RollbackSecret
                 | Operation::UpdateSecretVersionStage
                 | Operation::PurgeSecret
+                | Operation::ImportKeyMaterial
+                | Operation::DeleteKeyMaterial
+                | Operation::TagKey
         )
     }
 }

@@ -43,7 +43,7 @@ enum Command {
     /// Manage AWS KMS external key stores (XKS) and their SigV4 credentials.
     #[command(subcommand)]
     Xks(xks_cli::XksCommand),
-    /// Manage the Alibaba KMS instance API (ClientKeys).
+    /// Manage the Alibaba KMS instance API (ClientKeys) and OpenAPI (AccessKeys).
     #[command(subcommand)]
     Alibaba(alibaba_cli::AlibabaCommand),
     /// Manage the gRPC API (client certificates).
