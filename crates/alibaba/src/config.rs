@@ -19,6 +19,14 @@ pub struct AlibabaConfig {
     /// Requests per second each ClientKey may make unless it has its own limit
     /// (`kmsgate alibaba client-keys create --qps`); 0: unlimited. Excess requests get 429 Rejected.Throttling.
     pub client_key_qps: u32,
+    /// Serve the OpenAPI (RPC style, `Version=2016-01-20`) on `/` for requests without `x-kms-*` headers or a
+    /// protobuf body (docs/alibaba-openapi.md).
+    pub openapi_enabled: bool,
+    /// Requests per second each OpenAPI AccessKey may make; 0: unlimited. Excess requests get 429
+    /// Rejected.Throttling.
+    pub access_key_qps: u32,
+    /// How long an import token of GetParametersForImport stays valid, in seconds (the vendor's 24 hours).
+    pub import_token_ttl_secs: u64,
 }
 
 impl AlibabaConfig {
@@ -33,6 +41,9 @@ impl AlibabaConfig {
         if self.max_symmetric_plaintext_bytes == 0 || self.max_asymmetric_plaintext_bytes == 0 {
             return Err("alibaba.max_*_plaintext_bytes must be positive".to_owned());
         }
+        if self.import_token_ttl_secs == 0 {
+            return Err("alibaba.import_token_ttl_secs must be positive".to_owned());
+        }
         Ok(())
     }
 }
@@ -46,6 +57,9 @@ impl Default for AlibabaConfig {
             max_symmetric_plaintext_bytes: 6 * 1024,
             max_asymmetric_plaintext_bytes: 1024,
             client_key_qps: 0,
+            openapi_enabled: true,
+            access_key_qps: 0,
+            import_token_ttl_secs: 86_400,
         }
     }
 }

@@ -49,6 +49,12 @@ pub enum Operation {
     RollbackSecret,
     UpdateSecretVersionStage,
     PurgeSecret,
+    /// A request a frontend refused before any operation ran: authentication, tenant or authorization failed
+    /// (the secrets REST API's 401s and 403s). The outcome names the wire code.
+    AccessCheck,
+    ImportKeyMaterial,
+    DeleteKeyMaterial,
+    TagKey,
 }
 
 impl Operation {
@@ -91,6 +97,10 @@ impl Operation {
         Operation::RollbackSecret,
         Operation::UpdateSecretVersionStage,
         Operation::PurgeSecret,
+        Operation::AccessCheck,
+        Operation::ImportKeyMaterial,
+        Operation::DeleteKeyMaterial,
+        Operation::TagKey,
     ];
 
     /// The position in [`Operation::ALL`]. An exhaustive match, so a new operation cannot compile without a
@@ -134,6 +144,10 @@ impl Operation {
             Operation::RollbackSecret => 34,
             Operation::UpdateSecretVersionStage => 35,
             Operation::PurgeSecret => 36,
+            Operation::AccessCheck => 37,
+            Operation::ImportKeyMaterial => 38,
+            Operation::DeleteKeyMaterial => 39,
+            Operation::TagKey => 40,
         }
     }
 
@@ -176,6 +190,10 @@ impl Operation {
             Operation::RollbackSecret => "RollbackSecret",
             Operation::UpdateSecretVersionStage => "UpdateSecretVersionStage",
             Operation::PurgeSecret => "PurgeSecret",
+            Operation::AccessCheck => "AccessCheck",
+            Operation::ImportKeyMaterial => "ImportKeyMaterial",
+            Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
+            Operation::TagKey => "TagKey",
         }
     }
 
@@ -204,6 +222,9 @@ impl Operation {
                 | Operation::RollbackSecret
                 | Operation::UpdateSecretVersionStage
                 | Operation::PurgeSecret
+                | Operation::ImportKeyMaterial
+                | Operation::DeleteKeyMaterial
+                | Operation::TagKey
         )
     }
 }

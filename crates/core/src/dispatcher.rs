@@ -443,6 +443,7 @@ impl Dispatcher {
         // The trace fields of the request span (see the server's telemetry module). Spans that do not declare
         // them, as when tracing export is off, ignore these calls.
         let span = tracing::Span::current();
+        span.record("frontend", caller.frontend.as_str());
         span.record("operation", op.as_str());
         span.record("tenant", caller.tenant.as_str());
         if let Some(r) = &resource {
@@ -472,7 +473,7 @@ impl Dispatcher {
 
     /// A store call under the store deadline.
     async fn store_call<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.inner.config.store_deadline, fut).await {
+        match tokio::time::timeout(crate::deadline::bound(self.inner.config.store_deadline), fut).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(ErrorKind::DependencyTimeout, "the store did not answer in time")),
         }
@@ -481,7 +482,7 @@ impl Dispatcher {
     /// Key generation under its own, longer deadline.
     async fn keygen_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         let started = Instant::now();
-        let r = tokio::time::timeout(self.inner.config.keygen_deadline, fut).await;
+        let r = tokio::time::timeout(crate::deadline::bound(self.inner.config.keygen_deadline), fut).await;
         self.record_backend_call(backend, BackendCall::Keygen, started, &r);
         match r {
             Ok(r) => r,
@@ -492,7 +493,7 @@ impl Dispatcher {
     /// A backend call under the backend deadline.
     async fn backend_call<T>(&self, backend: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         let started = Instant::now();
-        let r = tokio::time::timeout(self.inner.config.backend_deadline, fut).await;
+        let r = tokio::time::timeout(crate::deadline::bound(self.inner.config.backend_deadline), fut).await;
         self.record_backend_call(backend, BackendCall::Crypto, started, &r);
         match r {
             Ok(r) => r,
@@ -1119,6 +1120,117 @@ impl Dispatcher {
                 let _ = backend.destroy(Self::material(&current, &version)).await;
             }
             result
+        })
+        .await
+    }
+
+    /// Brings customer material into a key created with `external` (origin `External`): the primary
+    /// version gets the backend's handle for it and the key becomes `Enabled`. Allowed only in
+    /// `PendingImport`, so material never changes under existing ciphertexts (re-importing after
+    /// [`Dispatcher::delete_key_material`] is the vendor's way to restore it).
+    pub async fn import_key_material(&self, caller: &Caller, key: &KeyRef, material: &[u8]) -> Result<Key> {
+        self.run(caller, Operation::ImportKeyMaterial, Some(key.to_string()), async {
+            let current = self.resolve(&caller.tenant, key).await?;
+            if current.origin != KeyOrigin::External {
+                return Err(Error::new(ErrorKind::Unsupported, "only keys created for external material take imports"));
+            }
+            if current.state != KeyState::PendingImport {
+                return Err(Error::new(ErrorKind::InvalidKeyState(current.state), "the key already has material"));
+            }
+            let version = current.primary()?.clone();
+            let backend = self.inner.backends.get(&version.handle.backend)?;
+            let handle = self
+                .keygen_call(
+                    backend.name(),
+                    backend.import(&current.id, version.id, current.spec, current.usage, material),
+                )
+                .await?;
+            let stored = self
+                .mutate_key(&caller.tenant, &KeyRef::Id(current.id.clone()), |k| {
+                    if k.state != KeyState::PendingImport {
+                        return Err(Error::new(ErrorKind::InvalidKeyState(k.state), "the key already has material"));
+                    }
+                    let primary = k.primary_version;
+                    let v = k
+                        .versions
+                        .iter_mut()
+                        .find(|v| v.id == primary)
+                        .ok_or_else(|| Error::internal("the key's primary version is missing"))?;
+                    v.handle.handle.clone_from(&handle);
+                    k.state = KeyState::Enabled;
+                    Ok(true)
+                })
+                .await;
+            if stored.is_err() {
+                let with = KeyVersion {
+                    handle: crate::model::BackendHandle { backend: version.handle.backend.clone(), handle },
+                    ..version
+                };
+                let _ = backend.destroy(Self::material(&current, &with)).await;
+            }
+            stored
+        })
+        .await
+    }
+
+    /// Removes imported material: the key returns to `PendingImport` and its material is destroyed.
+    pub async fn delete_key_material(&self, caller: &Caller, key: &KeyRef) -> Result<Key> {
+        self.run(caller, Operation::DeleteKeyMaterial, Some(key.to_string()), async {
+            let current = self.resolve(&caller.tenant, key).await?;
+            if current.origin != KeyOrigin::External {
+                return Err(Error::new(ErrorKind::Unsupported, "only keys with imported material can lose it"));
+            }
+            let mut removed = Vec::new();
+            let stored = self
+                .mutate_key(&caller.tenant, &KeyRef::Id(current.id.clone()), |k| match k.state {
+                    KeyState::PendingDeletion | KeyState::PendingImport => {
+                        Err(Error::new(ErrorKind::InvalidKeyState(k.state), "the key has no material to delete"))
+                    }
+                    _ => {
+                        removed = k.versions.clone();
+                        for v in &mut k.versions {
+                            v.handle.handle.clear();
+                        }
+                        k.state = KeyState::PendingImport;
+                        Ok(true)
+                    }
+                })
+                .await?;
+            // The store no longer references the material: destroy it (an orphan left by a failure is
+            // unreachable).
+            for v in removed.iter().filter(|v| !v.handle.handle.is_empty()) {
+                if let Ok(backend) = self.inner.backends.get(&v.handle.backend)
+                    && let Err(e) =
+                        self.backend_call(backend.name(), backend.destroy(Self::material(&current, v))).await
+                {
+                    tracing::warn!(key = %current.id, version = %v.id, error = %e, "could not destroy key material");
+                }
+            }
+            Ok(stored)
+        })
+        .await
+    }
+
+    /// Sets and removes tags of a key (`remove` first, then `set`).
+    pub async fn update_key_tags(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Key> {
+        self.run(caller, Operation::TagKey, Some(key.to_string()), async {
+            self.mutate_key(&caller.tenant, key, |k| {
+                let before = k.tags.clone();
+                for r in remove {
+                    k.tags.remove(r);
+                }
+                for (name, value) in set {
+                    k.tags.insert(name.clone(), value.clone());
+                }
+                Ok(k.tags != before)
+            })
+            .await
         })
         .await
     }

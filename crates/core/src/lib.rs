@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod deadline;
 pub mod dispatcher;
 pub mod error;
 pub mod metrics;

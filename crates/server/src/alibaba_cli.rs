@@ -1,5 +1,6 @@
-//! `kmsgate alibaba client-keys ...`: ClientKeys of the Alibaba KMS instance API. The CLI writes the store
-//! through the dispatcher; running servers pick each change up from the change feed, so nothing restarts.
+//! `kmsgate alibaba client-keys ...`: ClientKeys of the Alibaba KMS instance API; `kmsgate alibaba
+//! access-keys ...`: AccessKeys of the OpenAPI. The CLI writes the store through the dispatcher; running
+//! servers pick each change up from the change feed, so nothing restarts.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,6 +19,30 @@ pub enum AlibabaCommand {
     /// ClientKeys: the RSA credentials the instance API SDKs sign requests with.
     #[command(subcommand)]
     ClientKeys(ClientKeysCommand),
+    /// AccessKeys: the id + secret pairs the OpenAPI SDKs sign requests with (HMAC).
+    #[command(subcommand)]
+    AccessKeys(AccessKeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccessKeysCommand {
+    /// Issue an AccessKey for an identity of the tenant (--tenant). The secret is written once, mode 0600, to
+    /// `<out-dir>/AccessKey_<id>.csv` (`AccessKey ID,AccessKey Secret`, as the vendor's console downloads it);
+    /// the gateway keeps it only sealed under the tenant's sealing key.
+    Create {
+        /// The identity requests signed with this key act as (policies and audit name it).
+        #[arg(long)]
+        identity: String,
+        /// Directory for the secret file (default: the current directory).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the tenant's AccessKeys (never secrets).
+    List,
+    /// Revoke an AccessKey: servers refuse it (403 Forbidden.AccessKey) within their change-poll interval.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,7 +77,63 @@ pub enum ClientKeysCommand {
 }
 
 pub async fn run(config: Config, cmd: AlibabaCommand, json_out: bool) -> anyhow::Result<ExitCode> {
-    let AlibabaCommand::ClientKeys(cmd) = cmd;
+    match cmd {
+        AlibabaCommand::ClientKeys(cmd) => run_client_keys(config, cmd, json_out).await,
+        AlibabaCommand::AccessKeys(cmd) => run_access_keys(config, cmd, json_out).await,
+    }
+}
+
+async fn run_access_keys(config: Config, cmd: AccessKeysCommand, json_out: bool) -> anyhow::Result<ExitCode> {
+    use kmsgate_alibaba::openapi::accesskey;
+    if let AccessKeysCommand::Create { out_dir, .. } = &cmd
+        && !out_dir.is_dir()
+    {
+        anyhow::bail!("--out-dir: {} is not a directory", out_dir.display());
+    }
+    let (app, _) = App::open(config).await?;
+    let caller = app.admin();
+    let d = &app.dispatcher;
+    match cmd {
+        AccessKeysCommand::Create { identity, out_dir, description } => {
+            let key = accesskey::create(d, &caller, &identity, &description).await.map_err(core_err)?;
+            let path = out_dir.join(format!("AccessKey_{}.csv", key.id));
+            let csv = key.csv();
+            write_private(&path, csv.as_bytes())?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({ "id": key.id, "tenant": app.tenant, "identity": identity, "secret_file": path })
+                );
+            } else {
+                println!("issued AccessKey {} for {identity} in tenant {}", key.id, app.tenant);
+                println!("  secret file: {} (mode 0600; shown only this once)", path.display());
+            }
+        }
+        AccessKeysCommand::List => {
+            let list = accesskey::list(d, Some(&app.tenant)).await.map_err(core_err)?;
+            if json_out {
+                println!("{}", json!({ "access_keys": list }));
+            } else {
+                println!("{:<26}  {:<24}  {:<8}  CREATED", "ID", "IDENTITY", "STATE");
+                for k in &list {
+                    let state = if k.revoked { "revoked" } else { "active" };
+                    println!("{:<26}  {:<24}  {:<8}  {}", k.id, k.identity, state, k.created_at);
+                }
+            }
+        }
+        AccessKeysCommand::Revoke { id } => {
+            accesskey::revoke(d, &caller, &id).await.map_err(core_err)?;
+            if json_out {
+                println!("{}", json!({ "revoked": id }));
+            } else {
+                println!("revoked AccessKey {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_client_keys(config: Config, cmd: ClientKeysCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     // Bad input is reported before the store is opened.
     let set_qps = match &cmd {
         ClientKeysCommand::SetQps { qps, .. } if qps == "default" => Some(None),

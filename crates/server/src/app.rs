@@ -82,6 +82,9 @@ impl App {
         dcfg.max_plaintext = config.limits.max_plaintext_bytes;
         dcfg.max_aad = config.limits.max_aad_bytes;
         dcfg.max_keys_per_tenant = (config.limits.max_keys_per_tenant > 0).then_some(config.limits.max_keys_per_tenant);
+        dcfg.max_secrets_per_tenant =
+            (config.limits.max_secrets_per_tenant > 0).then_some(config.limits.max_secrets_per_tenant);
+        dcfg.max_secret_bytes = config.limits.max_secret_bytes;
         let mut builder = Dispatcher::builder(store).backend(Arc::new(software));
         match config.audit.destination {
             crate::config::AuditDestination::Log => {}

@@ -45,6 +45,15 @@ pub struct Config {
     /// OpenTelemetry trace export over OTLP (docs/configuration.md#telemetry); off by default.
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The internal gRPC API (docs/grpc.md).
+    #[serde(default)]
+    pub grpc: crate::grpc::GrpcConfig,
+    /// The Kubernetes KMS v2 plugin (docs/kubernetes-kms.md).
+    #[serde(default)]
+    pub kms_plugin: kmsgate_grpc::KmsPluginConfig,
+    /// The generic secrets REST API (docs/secrets-api.md).
+    #[serde(default)]
+    pub secrets: kmsgate_secrets::SecretsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -206,6 +215,10 @@ pub struct LimitsConfig {
     pub max_aad_bytes: usize,
     /// Keys one tenant may hold; 0 means unlimited.
     pub max_keys_per_tenant: u64,
+    /// Active secrets one tenant may hold; 0 means unlimited.
+    pub max_secrets_per_tenant: u64,
+    /// Largest secret value (one version's data), in bytes.
+    pub max_secret_bytes: usize,
 }
 
 impl Default for Config {
@@ -224,6 +237,9 @@ impl Default for Config {
             xks: kmsgate_xks::XksConfig::default(),
             alibaba: kmsgate_alibaba::AlibabaConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
+            grpc: crate::grpc::GrpcConfig::default(),
+            kms_plugin: kmsgate_grpc::KmsPluginConfig::default(),
+            secrets: kmsgate_secrets::SecretsConfig::default(),
         }
     }
 }
@@ -272,7 +288,13 @@ impl Default for CacheConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_plaintext_bytes: 64 * 1024, max_aad_bytes: 64 * 1024, max_keys_per_tenant: 0 }
+        LimitsConfig {
+            max_plaintext_bytes: 64 * 1024,
+            max_aad_bytes: 64 * 1024,
+            max_keys_per_tenant: 0,
+            max_secrets_per_tenant: 0,
+            max_secret_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -335,6 +357,12 @@ impl Config {
         self.xks.validate()?;
         self.alibaba.validate().map_err(anyhow::Error::msg)?;
         self.telemetry.validate()?;
+        self.grpc.validate()?;
+        self.kms_plugin.validate().map_err(anyhow::Error::msg)?;
+        self.secrets.validate().map_err(anyhow::Error::msg)?;
+        if self.limits.max_secret_bytes == 0 {
+            bail!("limits.max_secret_bytes must be positive");
+        }
         kmsgate_core::TenantId::parse(&self.default_tenant)
             .map_err(|e| anyhow::anyhow!("default_tenant: {}", e.message()))?;
         if self.backend.deadline_ms == 0 {

@@ -180,6 +180,8 @@ fn connection_service(
 > {
     let svc = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(info.clone());
+        // Frontends outside this crate (the secrets API's IP conditions and per-IP limits) read the peer here.
+        req.extensions_mut().insert(axum::extract::ConnectInfo(info.peer));
         router.clone().oneshot(req.map(Body::new))
     });
     hyper_util::service::TowerToHyperService::new(svc)

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kmsgate::{admin_client, alibaba_cli, audit_cli, audit_log, cli, config, hsm_cli, serve, store_cli, xks_cli};
+use kmsgate::{
+    admin_client, alibaba_cli, audit_cli, audit_log, cli, config, grpc_cli, hsm_cli, secrets_cli, serve, store_cli,
+    xks_cli,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
@@ -45,9 +48,15 @@ enum Command {
     /// Manage AWS KMS external key stores (XKS) and their SigV4 credentials.
     #[command(subcommand)]
     Xks(xks_cli::XksCommand),
-    /// Manage the Alibaba KMS instance API (ClientKeys).
+    /// Manage the Alibaba KMS instance API (ClientKeys) and OpenAPI (AccessKeys).
     #[command(subcommand)]
     Alibaba(alibaba_cli::AlibabaCommand),
+    /// Manage the gRPC API (client certificates).
+    #[command(subcommand)]
+    Grpc(grpc_cli::GrpcCommand),
+    /// The secrets REST API: bootstrap the first tenant and admin token.
+    #[command(subcommand)]
+    Secrets(secrets_cli::SecretsCommand),
     /// Inspect the PKCS#11 HSM fleet.
     #[command(subcommand)]
     Hsm(hsm_cli::HsmCommand),
@@ -108,6 +117,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Aliases(cmd) => cli::aliases(config, cmd, args.json).await,
         Command::Xks(cmd) => xks_cli::run(config, cmd, args.json).await,
         Command::Alibaba(cmd) => alibaba_cli::run(config, cmd, args.json).await,
+        Command::Grpc(cmd) => grpc_cli::run(config, cmd, args.json).await,
+        Command::Secrets(cmd) => secrets_cli::run(config, cmd, args.json).await,
         Command::Hsm(cmd) => hsm_cli::run(config, cmd, args.json).await,
         Command::Store(cmd) => store_cli::run(config, cmd, args.json).await,
         Command::Audit(cmd) => audit_cli::run(&config, cmd, args.json),

@@ -63,6 +63,7 @@ pub fn router(app: &App) -> Router {
     http::health_routes(app.dispatcher.clone())
         .merge(kmsgate_xks::router(app.dispatcher.clone(), app.config.xks.clone()))
         .merge(kmsgate_alibaba::router(app.dispatcher.clone(), app.config.alibaba.clone()))
+        .merge(kmsgate_secrets::router(app.dispatcher.clone(), app.config.secrets.clone(), app.tenant.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(app.config.server.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track))
@@ -115,11 +116,23 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
         false => None,
     };
 
+    if source == Source::EmbeddedDefault && cfg.secrets.enabled {
+        crate::secrets_cli::first_start(&app).await?;
+    }
     print_banner(&app, &source, &boot, local, tls.is_some(), admin.as_ref().map(|(_, t, a)| (*a, t.is_some())));
     tracing::info!(bind = %local, tls = tls.is_some(), "kmsgate listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_background(&app, stop_rx.clone());
+    let grpc = crate::grpc::start(&app, stop_rx.clone()).await?;
+    if let Some(a) = grpc.api {
+        println!("  gRPC:      https://{a} (kmsgate.v1, grpc.health.v1; docs/grpc.md)");
+        tracing::info!(bind = %a, "gRPC API listening");
+    }
+    if let Some(p) = &grpc.plugin {
+        println!("  KMS v2:    unix://{} (Kubernetes KMS plugin; docs/kubernetes-kms.md)", p.display());
+        tracing::info!(socket = %p.display(), "Kubernetes KMS v2 plugin listening");
+    }
 
     // The admin listener outlives the data listener's drain: readiness reports "draining" meanwhile, and
     // liveness keeps answering so the orchestrator does not kill a process that is finishing its requests.
@@ -149,6 +162,9 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
             Err(e) => tracing::warn!(error = %e, "the admin listener task failed"),
             Ok(Ok(())) => {}
         }
+    }
+    for task in grpc.tasks {
+        let _ = task.await;
     }
     crate::telemetry::shutdown();
     served?;
@@ -235,11 +251,19 @@ fn spawn_background(app: &App, stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
-                _ = tick.tick() => match d.purge_due_keys(&admin).await {
-                    Ok(ids) if !ids.is_empty() => tracing::info!(count = ids.len(), "destroyed keys past their deletion date"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "deletion sweep failed"),
-                },
+                _ = tick.tick() => {
+                    match d.purge_due_keys(&admin).await {
+                        Ok(ids) if !ids.is_empty() => tracing::info!(count = ids.len(), "destroyed keys past their deletion date"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "deletion sweep failed"),
+                    }
+                    // Soft-deleted secrets past their tenant's retention free their paths.
+                    match d.purge_deleted_secrets(&admin).await {
+                        Ok(gone) if !gone.is_empty() => tracing::info!(count = gone.len(), "purged soft-deleted secrets past retention"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "secret purge sweep failed"),
+                    }
+                }
                 _ = stop2.changed() => return,
             }
         }

@@ -178,8 +178,8 @@ impl Extractor for HeaderMapExtractor<'_> {
     }
 }
 
-/// The span of one wire request. With telemetry on it declares the fields the dispatcher fills in (operation,
-/// key id, tenant, outcome), those [`record_response`] fills in (status, frontend, wire operation and code) and
+/// The span of one wire request. With telemetry on it declares the fields the dispatcher fills in (frontend,
+/// operation, key id, tenant, outcome), those [`record_response`] fills in (status, wire operation and code) and
 /// those OpenTelemetry reads (`otel.*`); off, it is the plain logging span, so those `record` calls cost
 /// nothing.
 pub fn request_span(request_id: &str, method: &http::Method, path: &str) -> tracing::Span {
@@ -206,9 +206,9 @@ pub fn request_span(request_id: &str, method: &http::Method, path: &str) -> trac
     }
 }
 
-/// Records the response on a request span: status, and the frontend's wire labels (frontend, wire operation
-/// and code, which also name the span), known even when the request never reached the dispatcher (a refused
-/// signature, an unknown key). Server errors mark the span as failed.
+/// Records the response on a request span: status, and the frontend's wire labels (wire operation and code,
+/// and the span's name `<frontend> <wire operation>`), known even when the request never reached the
+/// dispatcher (a refused signature, an unknown key). Server errors mark the span as failed.
 pub fn record_response(span: &tracing::Span, resp: &http::Response<axum::body::Body>) {
     if !enabled() {
         return;
@@ -219,7 +219,8 @@ pub fn record_response(span: &tracing::Span, resp: &http::Response<axum::body::B
         span.record("otel.status_code", "ERROR");
     }
     if let Some(l) = resp.extensions().get::<kmsgate_core::metrics::WireLabels>() {
-        span.record("frontend", l.frontend.as_str());
+        // `frontend` itself is the dispatcher's to record (every frontend reaches it, labelled or not); an
+        // attribute recorded twice would be exported twice.
         span.record("wire.operation", l.operation);
         span.record("wire.code", l.code);
         // The OpenTelemetry span has started by now (its name is fixed at start), so rename it directly.

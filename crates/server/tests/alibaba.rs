@@ -4,9 +4,9 @@
 
 mod common;
 
-use aws_lc_rs::digest;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use common::alibaba_signed as signed;
+
+use aws_lc_rs::signature::RsaKeyPair;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
@@ -64,31 +64,6 @@ async fn post(addr: std::net::SocketAddr, path: &str, headers: &[(String, String
     let req = b.body(Full::new(Bytes::from(body))).unwrap();
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     common::send_on(stream, false, req).await.unwrap()
-}
-
-/// Signs like the SDK: RSA PKCS#1 v1.5 SHA-256 over the string to sign.
-fn signed(pair: &RsaKeyPair, key_id: &str, api: &str, body: &[u8]) -> Vec<(String, String)> {
-    let sha = hex::encode_upper(digest::digest(&digest::SHA256, body));
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let sts = format!(
-        "POST\n{sha}\napplication/x-protobuf\n{date}\nx-kms-acccesskeyid:{key_id}\nx-kms-apiname:{api}\n\
-         x-kms-apiversion:dkms-gcs-0.2\nx-kms-signaturemethod:RSA_PKCS1_SHA_256\n/"
-    );
-    let mut sig = vec![0; pair.public_modulus_len()];
-    pair.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), sts.as_bytes(), &mut sig).unwrap();
-    [
-        ("content-type", "application/x-protobuf".to_owned()),
-        ("content-sha256", sha),
-        ("date", date),
-        ("x-kms-acccesskeyid", key_id.to_owned()),
-        ("x-kms-apiname", api.to_owned()),
-        ("x-kms-apiversion", "dkms-gcs-0.2".to_owned()),
-        ("x-kms-signaturemethod", "RSA_PKCS1_SHA_256".to_owned()),
-        ("authorization", format!("Bearer {}", STANDARD.encode(sig))),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
 }
 
 #[tokio::test]

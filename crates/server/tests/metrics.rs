@@ -332,7 +332,11 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
     }
     assert!(throttled >= 2, "the 1 req/s store throttled {throttled} of 4");
     // Alibaba instance API without its content type; a probe on the data listener.
-    let r = common::http(server.addr, "POST", "/", b"").await;
+    // (an `x-kms-*` header routes `/` to the instance API rather than the OpenAPI; JSON is the wrong type).
+    let mut req = common::request("POST", &server.addr.to_string(), "/", b"");
+    req.headers_mut().insert("x-kms-apiname", hyper::header::HeaderValue::from_static("Encrypt"));
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let r = common::send_on(stream, false, req).await.unwrap();
     assert_eq!(r.status, 415);
     assert_eq!(common::http(server.addr, "GET", "/healthz", b"").await.status, 200);
 
@@ -371,7 +375,7 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
     assert_eq!(
         get(
             "kmsgate_requests_total",
-            &[("frontend", "alibaba_instance"), ("operation", "unknown"), ("code", "InvalidContentType")]
+            &[("frontend", "alibaba_instance"), ("operation", "Encrypt"), ("code", "InvalidContentType")]
         ),
         1.0,
         "{text}"

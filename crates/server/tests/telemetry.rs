@@ -235,7 +235,7 @@ async fn spans_reach_an_otlp_collector_with_the_callers_trace_and_no_secrets() {
         collector
             .spans()
             .into_iter()
-            .find(|(s, _, _)| hex::encode(&s.trace_id) == trace && attr(s, "frontend").is_some())
+            .find(|(s, _, _)| hex::encode(&s.trace_id) == trace && attr(s, "wire.code").is_some())
     };
     while (find(xks_trace).is_none() || find(ali_trace).is_none() || find(missing_trace).is_none())
         && Instant::now() < deadline
@@ -262,7 +262,7 @@ async fn spans_reach_an_otlp_collector_with_the_callers_trace_and_no_secrets() {
     let (missing, _, _) = find(missing_trace).unwrap();
     // The key store refuses the unknown key before any dispatcher operation: the wire labels still say what
     // happened.
-    assert_eq!(attr(&missing, "frontend").as_deref(), Some("xks"));
+    assert_eq!(missing.name, "xks Encrypt");
     assert_eq!(attr(&missing, "wire.code").as_deref(), Some("KeyNotFoundException"));
     assert_eq!(attr(&missing, "http.response.status_code").as_deref(), Some("404"));
 
@@ -274,6 +274,15 @@ async fn spans_reach_an_otlp_collector_with_the_callers_trace_and_no_secrets() {
     assert_eq!(attr(&ali_span, "key_id").as_deref(), Some(key_id.as_str()));
     assert_eq!(attr(&ali_span, "outcome").as_deref(), Some("ok"));
     assert_eq!(ali_span.name, "alibaba_instance Encrypt");
+
+    // Every attribute once.
+    for (span, _, _) in collector.spans() {
+        let mut keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        let n = keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "an attribute twice in {}: {:?}", span.name, span.attributes);
+    }
 
     // With telemetry on, the log's request span carries the trace fields too (the off test relies on this).
     assert!(server.log_text().contains("otel.kind"), "{}", server.log_text());

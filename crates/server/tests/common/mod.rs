@@ -263,3 +263,37 @@ pub async fn https(
     reply.alpn = alpn;
     Ok(reply)
 }
+
+// ---- the Alibaba instance API's request signature (shared by the Alibaba and cross-frontend tests) -------
+
+/// Signs an instance API request like the SDK: RSA PKCS#1 v1.5 SHA-256 over the string to sign.
+pub fn alibaba_signed(
+    pair: &aws_lc_rs::signature::RsaKeyPair,
+    key_id: &str,
+    api: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    use base64::Engine as _;
+    let sha = hex::encode_upper(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body));
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let sts = format!(
+        "POST\n{sha}\napplication/x-protobuf\n{date}\nx-kms-acccesskeyid:{key_id}\nx-kms-apiname:{api}\n\
+         x-kms-apiversion:dkms-gcs-0.2\nx-kms-signaturemethod:RSA_PKCS1_SHA_256\n/"
+    );
+    let mut sig = vec![0; pair.public_modulus_len()];
+    pair.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &aws_lc_rs::rand::SystemRandom::new(), sts.as_bytes(), &mut sig)
+        .unwrap();
+    [
+        ("content-type", "application/x-protobuf".to_owned()),
+        ("content-sha256", sha),
+        ("date", date),
+        ("x-kms-acccesskeyid", key_id.to_owned()),
+        ("x-kms-apiname", api.to_owned()),
+        ("x-kms-apiversion", "dkms-gcs-0.2".to_owned()),
+        ("x-kms-signaturemethod", "RSA_PKCS1_SHA_256".to_owned()),
+        ("authorization", format!("Bearer {}", base64::engine::general_purpose::STANDARD.encode(sig))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
