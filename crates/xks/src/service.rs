@@ -555,7 +555,7 @@ impl Ctx<'_> {
     async fn encrypt(
         &self,
         caller: &Caller,
-        mut key: Arc<Key>,
+        key: Arc<Key>,
         plaintext: zeroize::Zeroizing<Vec<u8>>,
         aad: &[u8],
         integrity: bool,
@@ -568,68 +568,77 @@ impl Ctx<'_> {
                 "a ciphertext data integrity value needs a key that can also decrypt",
             ));
         }
-        // The metadata (and so the AAD) names the version before the backend runs; should a rotation land in
-        // between, the reply names another version and we go again with the new primary.
-        for _ in 0..3 {
-            let version = key.primary_version;
-            let metadata = crypto::metadata(version);
-            let hsm_aad = crypto::backend_aad(aad, &metadata)
-                .ok_or_else(|| XksError::unsupported("the additional authenticated data is too large"))?;
-            let reply = d
-                .encrypt(
+        // The metadata (and so the AAD) names the version before the backend runs, and the dispatcher encrypts
+        // under exactly that version: a rotation landing in between changes nothing for this request.
+        let version = key.primary_version;
+        let metadata = crypto::metadata(version);
+        let hsm_aad = crypto::backend_aad(aad, &metadata)
+            .ok_or_else(|| XksError::unsupported("the additional authenticated data is too large"))?;
+        let req = EncryptRequest {
+            key: KeyRef::Id(key.id.clone()),
+            algorithm: Some(EncryptionAlgorithm::AesGcm),
+            plaintext,
+            aad: hsm_aad,
+            iv: None,
+        };
+        let reply = d.encrypt_version(caller, &req, version).await?;
+        if reply.version != version
+            || reply.iv.len() != 12
+            || reply.tag.len() != 16
+            || reply.ciphertext.len() != req.plaintext.len()
+        {
+            return Err(XksError::internal("the key manager returned a malformed ciphertext"));
+        }
+        let b64 = |bytes: &[u8]| STANDARD.encode(bytes);
+        let mut cdiv_b64 = None;
+        if integrity {
+            // Appendix C: the value is computed before the trial decrypt, so a corruption after it shows.
+            let cdiv = crypto::integrity_value(aad, &metadata, &reply.iv, &reply.ciphertext, &reply.tag);
+            let EncryptRequest { plaintext, aad: hsm_aad, .. } = req;
+            let trial = d
+                .decrypt(
                     caller,
-                    EncryptRequest {
+                    DecryptRequest {
                         key: KeyRef::Id(key.id.clone()),
+                        version: Some(version),
                         algorithm: Some(EncryptionAlgorithm::AesGcm),
-                        plaintext: plaintext.clone(),
-                        aad: hsm_aad.clone(),
-                        iv: None,
+                        iv: reply.iv.clone(),
+                        aad: hsm_aad,
+                        ciphertext: reply.ciphertext.clone(),
+                        tag: reply.tag.clone(),
                     },
                 )
-                .await?;
-            if reply.version != version {
-                key = d.resolve(self.tenant, &KeyRef::Id(key.id.clone())).await?;
-                continue;
-            }
-            if reply.iv.len() != 12 || reply.tag.len() != 16 || reply.ciphertext.len() != plaintext.len() {
-                return Err(XksError::internal("the key manager returned a malformed ciphertext"));
-            }
-            let mut out = serde_json::Map::new();
-            if integrity {
-                // Appendix C: the value is computed before the trial decrypt, so a corruption after it shows.
-                let cdiv = crypto::integrity_value(aad, &metadata, &reply.iv, &reply.ciphertext, &reply.tag);
-                let trial = d
-                    .decrypt(
-                        caller,
-                        DecryptRequest {
-                            key: KeyRef::Id(key.id.clone()),
-                            version: Some(version),
-                            algorithm: Some(EncryptionAlgorithm::AesGcm),
-                            iv: reply.iv.clone(),
-                            aad: hsm_aad,
-                            ciphertext: reply.ciphertext.clone(),
-                            tag: reply.tag.clone(),
-                        },
-                    )
-                    .await;
-                match trial {
-                    Ok(p) if constant_time_eq(p.plaintext.as_slice(), plaintext.as_slice()) => {}
-                    Err(e) if e.kind() == ErrorKind::DependencyTimeout => return Err(e.into()),
-                    Ok(_) | Err(_) => {
-                        tracing::error!(target: "xks", key_id = %key.id, "the trial decrypt after encrypt failed");
-                        return Err(XksError::internal("the encryption could not be verified; retry"));
-                    }
+                .await;
+            match trial {
+                Ok(p) if constant_time_eq(p.plaintext.as_slice(), plaintext.as_slice()) => {}
+                Err(e) if e.kind() == ErrorKind::DependencyTimeout => return Err(e.into()),
+                Ok(_) | Err(_) => {
+                    tracing::error!(target: "xks", key_id = %key.id, "the trial decrypt after encrypt failed");
+                    return Err(XksError::internal("the encryption could not be verified; retry"));
                 }
-                out.insert("ciphertextDataIntegrityValue".into(), STANDARD.encode(cdiv).into());
             }
-            out.insert("ciphertext".into(), STANDARD.encode(&reply.ciphertext).into());
-            out.insert("ciphertextMetadata".into(), STANDARD.encode(metadata).into());
-            out.insert("initializationVector".into(), STANDARD.encode(&reply.iv).into());
-            out.insert("authenticationTag".into(), STANDARD.encode(&reply.tag).into());
-            return Ok(json_response(&out));
+            cdiv_b64 = Some(b64(&cdiv));
         }
-        Err(XksError::internal("the key is being rotated; retry"))
+        Ok(json_response(&EncryptAnswer {
+            authentication_tag: &b64(&reply.tag),
+            ciphertext: &b64(&reply.ciphertext),
+            ciphertext_data_integrity_value: cdiv_b64.as_deref(),
+            ciphertext_metadata: &b64(&metadata),
+            initialization_vector: &b64(&reply.iv),
+        }))
     }
+}
+
+/// The Encrypt answer, serialised straight from borrowed strings (no intermediate JSON map).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EncryptAnswer<'a> {
+    authentication_tag: &'a str,
+    ciphertext: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ciphertext_data_integrity_value: Option<&'a str>,
+    ciphertext_metadata: &'a str,
+    initialization_vector: &'a str,
 }
 
 #[cfg(test)]
