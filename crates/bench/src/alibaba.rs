@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
 use aws_lc_rs::rand::SystemRandom;
@@ -115,6 +116,8 @@ pub struct AlibabaWorkload {
     aad: Vec<u8>,
     uri: String,
     rng: SystemRandom,
+    /// Requests built so far: load runs restart their sequence numbers, this does not.
+    sent: AtomicU64,
 }
 
 impl AlibabaWorkload {
@@ -125,30 +128,33 @@ impl AlibabaWorkload {
         plaintext_size: usize,
         aad_size: usize,
     ) -> anyhow::Result<Self> {
-        if plaintext_size < 8 {
-            bail!("the Alibaba workload needs a plaintext of at least 8 bytes (it carries the request number)");
+        if plaintext_size < 16 {
+            bail!("the Alibaba workload needs a plaintext of at least 16 bytes (it carries a run id and a number)");
         }
+        let mut plaintext = crate::xks::pattern(plaintext_size, 7);
+        aws_lc_rs::rand::fill(&mut plaintext[8..16]).map_err(|_| anyhow::anyhow!("no random run id"))?;
         Ok(AlibabaWorkload {
             uri: endpoint.uri("/"),
             endpoint,
             client_key,
             key_id: key_id.to_owned(),
-            plaintext: crate::xks::pattern(plaintext_size, 7),
+            plaintext,
             aad: crate::xks::pattern(aad_size, 101),
             rng: SystemRandom::new(),
+            sent: AtomicU64::new(0),
         })
     }
 
-    fn plaintext(&self, seq: u64) -> Vec<u8> {
+    fn plaintext(&self) -> Vec<u8> {
         let mut p = self.plaintext.clone();
-        p[..8].copy_from_slice(&seq.to_be_bytes());
+        p[..8].copy_from_slice(&self.sent.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         p
     }
 
-    pub fn build(&self, seq: u64) -> anyhow::Result<http::Request<Body>> {
+    pub fn build(&self) -> anyhow::Result<http::Request<Body>> {
         let msg = proto::EncryptRequest {
             key_id: self.key_id.clone(),
-            plaintext: self.plaintext(seq),
+            plaintext: self.plaintext(),
             algorithm: "AES_GCM".to_owned(),
             aad: self.aad.clone(),
             iv: Vec::new(),
@@ -209,8 +215,8 @@ impl Workload for AlibabaWorkload {
 
     fn state(&self) {}
 
-    fn request(&self, seq: u64, _: &mut ()) -> anyhow::Result<http::Request<Body>> {
-        self.build(seq)
+    fn request(&self, _seq: u64, _: &mut ()) -> anyhow::Result<http::Request<Body>> {
+        self.build()
     }
 
     fn check(&self, _seq: u64, status: u16, body: &[u8], verify: bool) -> Result<(), String> {
@@ -268,8 +274,8 @@ mod tests {
         let endpoint =
             Arc::new(Endpoint::new("http://127.0.0.1:1", &crate::client::TlsOptions::default(), false).await.unwrap());
         let w = AlibabaWorkload::new(endpoint, key.clone(), "k1", 32, 16).unwrap();
-        let a = w.build(1).unwrap();
-        let b = w.build(2).unwrap();
+        let a = w.build().unwrap();
+        let b = w.build().unwrap();
         let collect = |b: &Body| b.clone();
         let (body_a, body_b) = (collect(a.body()), collect(b.body()));
         let bytes = http_body_util::BodyExt::collect(body_a).await.unwrap().to_bytes();

@@ -44,7 +44,7 @@ pub struct Counts {
 pub struct InstrScenario {
     pub name: String,
     pub requests: u64,
-    pub errors: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
     pub server_instructions_per_request: f64,
     pub server_cpu_us_per_request: f64,
     pub generator_instructions_per_request: f64,
@@ -146,7 +146,7 @@ pub async fn count<W: Workload>(
     Ok(InstrScenario {
         name: name.to_owned(),
         requests: opts.requests,
-        errors: r.error_count(),
+        errors: r.errors.clone(),
         server_instructions_per_request: server_counts.instructions as f64 / n,
         server_cpu_us_per_request: server_counts.task_clock_ms * 1000.0 / n,
         generator_instructions_per_request: own.instructions as f64 / n,
@@ -171,13 +171,16 @@ pub fn table(rows: &[InstrScenario]) -> String {
             "{:<28} {:>8} {:>6} {:>14.0} {:>10.1} {:>14.0} {:>10.1} {:>8.0}%\n",
             r.name,
             r.requests,
-            r.errors,
+            r.errors.values().sum::<u64>(),
             r.server_instructions_per_request,
             r.server_cpu_us_per_request,
             r.generator_instructions_per_request,
             r.generator_cpu_us_per_request,
             predicted * 100.0
         ));
+    }
+    for r in rows.iter().filter(|r| !r.errors.is_empty()) {
+        s.push_str(&format!("{}: errors {:?}\n", r.name, r.errors));
     }
     s
 }

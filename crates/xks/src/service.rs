@@ -308,7 +308,8 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
     let route = Route::parse(rest);
     log.operation = route.name();
     if let Some(k) = route.key_id() {
-        log.key_id = k.chars().take(128).collect();
+        // Only an overlong id pays for the character walk; request ids are short.
+        log.key_id = if k.len() <= 128 { k.to_owned() } else { k.chars().take(128).collect() };
     }
     if route != Route::Unknown && parts.method != Method::POST {
         let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
@@ -346,21 +347,24 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned);
     let ctx = Ctx { state, store: store.as_ref(), store_name: &store_doc.id, tenant: &store_doc.tenant };
-    let make_caller = |md: &BTreeMap<String, String>, log: &mut LogLine| {
+    let note = |md: &BTreeMap<String, String>, log: &mut LogLine| {
         log.kms_operation = md.get("kmsOperation").cloned().unwrap_or_default();
         log.kms_request_id = md.get("kmsRequestId").cloned().unwrap_or_default();
         log.aws_principal_arn = md.get("awsPrincipalArn").cloned().unwrap_or_default();
-        let mut metadata = md.clone();
+    };
+    // Built once authorization passed, from the metadata itself (no copy of it).
+    let make_caller = |mut metadata: BTreeMap<String, String>| {
+        let request_id = metadata
+            .get("kmsRequestId")
+            .cloned()
+            .or_else(|| fallback_request_id.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         metadata.insert("xksKeyStore".to_owned(), store_doc.id.clone());
         Caller {
             tenant: store_doc.tenant.clone(),
             identity: access_key_id.clone(),
             frontend: Frontend::Xks,
-            request_id: md
-                .get("kmsRequestId")
-                .cloned()
-                .or_else(|| fallback_request_id.clone())
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            request_id,
             metadata,
         }
     };
@@ -372,15 +376,16 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             let md = wire::parse_json::<wire::MetadataOnly>(&body)
                 .and_then(|b| wire::request_metadata(&route, b.request_metadata.as_ref()))
                 .unwrap_or_default();
-            let _caller = make_caller(&md, log);
+            note(&md, log);
             let health = state.health.get(d, &state.config, &store_doc.tenant).await;
             Ok(json_response(health.as_ref()))
         }
         Route::Metadata(key_id) => {
             let b: wire::MetadataOnly = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             ctx.authorize(XksOperation::Metadata, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             let key = d.describe_key(&caller, &KeyRef::Id(key.id.clone())).await?;
             let usage: Vec<&str> = key.usage.iter().take(10).map(|u| u.as_str()).collect();
@@ -393,7 +398,7 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
         Route::Encrypt(key_id) => {
             let b: wire::EncryptBody = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             let plaintext = wire::b64_secret("plaintext", b.plaintext.as_deref())?;
             wire::require_aes_gcm(b.encryption_algorithm.as_deref())?;
             let aad = wire::b64("additionalAuthenticatedData", b.additional_authenticated_data.as_deref(), false)?
@@ -405,13 +410,14 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             };
             ctx.check_sizes(plaintext.len(), aad.len())?;
             ctx.authorize(XksOperation::Encrypt, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             ctx.encrypt(&caller, key, plaintext, &aad, integrity).await
         }
         Route::Decrypt(key_id) => {
             let b: wire::DecryptBody = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             let ciphertext = wire::b64("ciphertext", b.ciphertext.as_deref(), true)?.unwrap_or_default();
             let metadata = wire::b64("ciphertextMetadata", b.ciphertext_metadata.as_deref(), false)?;
             wire::require_aes_gcm(b.encryption_algorithm.as_deref())?;
@@ -433,6 +439,7 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             }
             ctx.check_sizes(ciphertext.len(), aad.len())?;
             ctx.authorize(XksOperation::Decrypt, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             // Ours always carry metadata naming the key version; a 16-byte IV was never produced here.
             let Some(metadata) = metadata else { return Err(XksError::invalid_ciphertext()) };
