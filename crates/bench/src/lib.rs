@@ -7,10 +7,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alibaba;
 pub mod baseline;
 pub mod client;
 pub mod gateway;
 pub mod hist;
+pub mod instr;
 pub mod load;
 pub mod report;
 pub mod seed;

@@ -67,6 +67,9 @@ pub struct LoadSpec {
     pub warmup: Duration,
     pub duration: Duration,
     pub verify: Verify,
+    /// Closed loop only: stop after this many requests (warm-up included) instead of after `duration`; the
+    /// window is then the measured time. A fixed amount of work, for counting the server's work per request.
+    pub requests: Option<u64>,
 }
 
 /// What one run measured. Counts and latencies cover the measurement window only.
@@ -123,6 +126,7 @@ struct Plan {
     end: Instant,
     rate: Option<f64>,
     verify: Verify,
+    limit: Option<u64>,
 }
 
 struct Shared {
@@ -168,6 +172,7 @@ pub async fn run<C: Connector, W: Workload>(
     anyhow::ensure!(spec.connections > 0, "at least one connection is needed");
     if let Some(r) = spec.rate {
         anyhow::ensure!(r.is_finite() && r > 0.0, "the request rate must be positive");
+        anyhow::ensure!(spec.requests.is_none(), "a fixed request count needs the closed loop");
     }
     let mut conns = Vec::with_capacity(spec.connections);
     let opening: Vec<_> = (0..spec.connections)
@@ -181,12 +186,15 @@ pub async fn run<C: Connector, W: Workload>(
     }
 
     let start = Instant::now();
+    // With a fixed count the clock does not end the run (a year is "never" here).
+    let duration = if spec.requests.is_some() { Duration::from_secs(365 * 86_400) } else { spec.duration };
     let plan = Plan {
         start,
         measure_start: start + spec.warmup,
-        end: start + spec.warmup + spec.duration,
+        end: start + spec.warmup + duration,
         rate: spec.rate,
         verify: spec.verify,
+        limit: spec.requests,
     };
     let shared = Arc::new(Shared { next: AtomicU64::new(0) });
     let mut tasks = Vec::with_capacity(spec.connections);
@@ -229,7 +237,11 @@ pub async fn run<C: Connector, W: Workload>(
         warmup_ok: total.warmup_ok,
         warmup_errors: total.warmup_errors,
         unsent,
-        window: spec.duration,
+        window: if spec.requests.is_some() {
+            Instant::now().saturating_duration_since(plan.measure_start)
+        } else {
+            spec.duration
+        },
     })
 }
 
@@ -273,6 +285,9 @@ async fn closed_worker<C: Connector, W: Workload>(
         reconnect(connector.as_ref(), &mut conn, &mut out, now < plan.measure_start).await;
         let Some(c) = conn.as_mut() else { continue };
         let seq = shared.next.fetch_add(1, Ordering::Relaxed);
+        if plan.limit.is_some_and(|l| seq >= l) {
+            break;
+        }
         let req = workload.request(seq, &mut state)?;
         let t0 = Instant::now();
         let res = c.send(req).await;
@@ -407,6 +422,7 @@ mod tests {
             warmup: Duration::from_millis(warmup_ms),
             duration: Duration::from_millis(duration_ms),
             verify: Verify::Warmup,
+            requests: None,
         }
     }
 
@@ -439,6 +455,19 @@ mod tests {
         assert!((r.ok_per_sec() - 200.0).abs() < 1e-9);
         assert!(close(r.latency.summary().p99_us, 10_000));
         assert_eq!(r.unsent, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_count_sends_exactly_that_many() {
+        let fake = Arc::new(Fake { service: Duration::from_millis(10), fail_every: 0 });
+        let r = run(fake.clone(), fake, &LoadSpec { requests: Some(1_001), ..spec(4, None, 0, 1) }).await.unwrap();
+        assert_eq!(r.ok, 1_001, "the duration does not end a counted run");
+        assert_eq!(r.warmup_ok, 0);
+        // 4 connections, 10 ms each: 251 rounds, the last with one request.
+        assert_eq!(r.window, Duration::from_millis(2_510));
+        let open = LoadSpec { requests: Some(10), ..spec(1, Some(100.0), 0, 1) };
+        let fake = Arc::new(Fake { service: Duration::from_millis(10), fail_every: 0 });
+        assert!(run(fake.clone(), fake, &open).await.is_err(), "the open loop has no fixed count");
     }
 
     #[tokio::test(start_paused = true)]

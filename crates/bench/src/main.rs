@@ -39,6 +39,31 @@ enum Cmd {
     BaselineServer(BaselineArgs),
     /// Create many AES keys in a kmsgate store through the kmsgate library (for the memory scenario).
     SeedKeys(SeedArgs),
+    /// Work per request: `perf stat` instructions and CPU time of kmsgate, the bare hyper baseline and the
+    /// generator over a fixed number of requests (comparable on a busy machine, unlike throughput).
+    Instructions(InstrArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstrArgs {
+    /// Counted requests per scenario.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Uncounted requests first (caches, connections, allocator warm).
+    #[arg(long, default_value_t = 2_000)]
+    warmup_requests: u64,
+    #[arg(long, short = 'c', default_value_t = 64)]
+    connections: usize,
+    /// The kmsgate binary (default: next to this one).
+    #[arg(long)]
+    kmsgate: Option<PathBuf>,
+    #[arg(long)]
+    plain: bool,
+    #[arg(long)]
+    http2: bool,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -66,6 +91,10 @@ struct LoadArgs {
     /// Which answers are checked in depth (sizes, integrity value); the others by status only.
     #[arg(long, value_enum, default_value_t = Verify::Warmup)]
     verify: Verify,
+    /// Closed loop: send exactly this many requests (warm-up included) instead of running for --duration; a
+    /// fixed amount of work for `perf stat -p SERVER_PID` (instructions per request).
+    #[arg(long)]
+    requests: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +280,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             baseline::baseline_server(a.bind, a.body_bytes, a.tls_cert, a.tls_key).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Instructions(a) => {
+            let opts = kmsgate_bench::instr::InstrOptions {
+                requests: a.requests,
+                warmup_requests: a.warmup_requests,
+                connections: a.connections,
+                kmsgate: a.kmsgate,
+                tls: !a.plain,
+                http2: a.http2,
+            };
+            let rows = kmsgate_bench::instr::run(&opts).await?;
+            print!("{}", kmsgate_bench::instr::table(&rows));
+            if let Some(p) = a.json {
+                std::fs::write(p, serde_json::to_vec_pretty(&rows)?)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::SeedKeys(a) => {
             let n = seed::seed_keys(&a.config, a.count, &a.id_prefix, a.parallel).await?;
             eprintln!("created {n} keys");
@@ -304,6 +349,7 @@ async fn xks_cmd(a: XksArgs) -> anyhow::Result<ExitCode> {
         warmup: a.load.warmup,
         duration: a.load.duration,
         verify: a.load.verify,
+        requests: a.load.requests,
     };
     let mut report = Report::new(Machine::now());
     let r = load::run(Arc::new(HttpConnector(endpoint)), workload, &spec).await?;

@@ -96,7 +96,7 @@ pub struct XksWorkload {
 }
 
 /// Bytes of a recognisable, non-constant pattern: real payloads are not all zeros.
-fn pattern(len: usize, salt: u8) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, salt: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
 }
 

@@ -259,6 +259,13 @@ pub struct AuditEvent {
 /// Where audit events go. `record` must not block: buffer and hand off.
 pub trait AuditSink: Send + Sync + fmt::Debug {
     fn record(&self, event: &AuditEvent);
+
+    /// Whether `record` keeps events at all right now. The dispatcher asks before every operation and builds
+    /// no event when the answer is no, so a sink that discards events costs nothing per operation. Must be
+    /// cheap and must not block.
+    fn enabled(&self) -> bool {
+        true
+    }
 }
 
 /// Writes each event as one structured `tracing` event on the `audit` target.
@@ -266,7 +273,16 @@ pub trait AuditSink: Send + Sync + fmt::Debug {
 pub struct TracingAuditSink;
 
 impl AuditSink for TracingAuditSink {
+    /// Whether the `audit` target is logged at info: with a stricter log filter (`KMSGATE_LOG=warn`), every
+    /// event would be serialised only to be dropped.
+    fn enabled(&self) -> bool {
+        tracing::enabled!(target: "audit", tracing::Level::INFO)
+    }
+
     fn record(&self, event: &AuditEvent) {
+        if !self.enabled() {
+            return;
+        }
         match serde_json::to_string(event) {
             Ok(line) => tracing::info!(target: "audit", event = %line),
             Err(e) => tracing::error!(target: "audit", error = %e, "could not serialise an audit event"),
@@ -291,5 +307,64 @@ impl AuditSink for MemoryAuditSink {
         if let Ok(mut e) = self.events.lock() {
             e.push(event.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscriber that takes events up to `max` and counts the audit events it sees.
+    struct Levelled {
+        max: tracing::Level,
+        seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl tracing::Subscriber for Levelled {
+        fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+            *m.level() <= self.max
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            if e.metadata().target() == "audit" {
+                self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    fn event() -> AuditEvent {
+        AuditEvent {
+            at: Timestamp(0),
+            request_id: "r".to_owned(),
+            tenant: "t".to_owned(),
+            identity: "i".to_owned(),
+            frontend: Frontend::Xks,
+            operation: Operation::Encrypt,
+            resource: None,
+            outcome: Outcome::Ok,
+            latency_us: 1,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_tracing_sink_is_enabled_exactly_when_audit_info_is_logged() {
+        for (max, on) in [(tracing::Level::INFO, true), (tracing::Level::DEBUG, true), (tracing::Level::WARN, false)] {
+            let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let sub = Levelled { max, seen: seen.clone() };
+            tracing::subscriber::with_default(sub, || {
+                assert_eq!(TracingAuditSink.enabled(), on, "{max}");
+                TracingAuditSink.record(&event());
+            });
+            assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), usize::from(on), "{max}");
+        }
+        // Sinks that keep everything say so by default.
+        assert!(MemoryAuditSink::default().enabled());
     }
 }

@@ -456,18 +456,21 @@ impl Dispatcher {
                 Outcome::Error { kind } => kind,
             },
         );
-        self.inner.audit.record(&AuditEvent {
-            at: Timestamp::now(),
-            request_id: caller.request_id.clone(),
-            tenant: caller.tenant.to_string(),
-            identity: caller.identity.clone(),
-            frontend: caller.frontend,
-            operation: op,
-            resource,
-            outcome,
-            latency_us,
-            metadata: caller.metadata.clone(),
-        });
+        // Building the event copies the caller's metadata and strings: skipped when the sink would drop it.
+        if self.inner.audit.enabled() {
+            self.inner.audit.record(&AuditEvent {
+                at: Timestamp::now(),
+                request_id: caller.request_id.clone(),
+                tenant: caller.tenant.to_string(),
+                identity: caller.identity.clone(),
+                frontend: caller.frontend,
+                operation: op,
+                resource,
+                outcome,
+                latency_us,
+                metadata: caller.metadata.clone(),
+            });
+        }
         result
     }
 
@@ -768,7 +771,7 @@ impl Dispatcher {
             aad: purpose.as_bytes().to_vec(),
             iv: None,
         };
-        let r = self.encrypt_inner(caller, &req).await?;
+        let r = self.encrypt_inner(caller, &req, None).await?;
         let mut out = Vec::with_capacity(1 + 16 + r.iv.len() + r.ciphertext.len() + r.tag.len());
         out.push(1);
         out.extend_from_slice(r.version.as_bytes());
@@ -1327,7 +1330,13 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn encrypt_inner(&self, caller: &Caller, req: &EncryptRequest) -> Result<EncryptReply> {
+    /// `version`: `None` encrypts under the primary version, `Some` under that version of the key.
+    async fn encrypt_inner(
+        &self,
+        caller: &Caller,
+        req: &EncryptRequest,
+        version: Option<Uuid>,
+    ) -> Result<EncryptReply> {
         let key = self.usable(caller, &req.key, KeyUsage::Encrypt).await?;
         let alg = match req.algorithm {
             Some(a) => a,
@@ -1337,7 +1346,10 @@ impl Dispatcher {
         if !alg.fits(key.spec) {
             return Err(Error::new(ErrorKind::InvalidKeyUsage, "the algorithm does not fit the key's spec"));
         }
-        let version = key.primary()?;
+        let version = match version {
+            None => key.primary()?,
+            Some(v) => key.version(v).ok_or_else(|| Error::invalid("the key has no such version"))?,
+        };
         let backend = self.inner.backends.get(&version.handle.backend)?;
         let material = Self::material(&key, version);
         match alg {
@@ -1423,7 +1435,18 @@ impl Dispatcher {
     }
 
     pub async fn encrypt(&self, caller: &Caller, req: EncryptRequest) -> Result<EncryptReply> {
-        self.run(caller, Operation::Encrypt, Some(req.key.to_string()), self.encrypt_inner(caller, &req)).await
+        self.run(caller, Operation::Encrypt, Some(req.key.to_string()), self.encrypt_inner(caller, &req, None)).await
+    }
+
+    /// [`encrypt`](Self::encrypt) under a named version of the key instead of its primary. For a frontend that
+    /// resolved the key and bound its primary version into the request before encrypting (XKS names the version
+    /// in the ciphertext metadata, which is part of the AAD): it gets exactly that version even if a rotation
+    /// lands in between, so one resolution suffices and nothing is retried. The version must be one of the key's
+    /// (else `InvalidRequest`); state, usage and authorization are checked as for `encrypt`. Borrowing the
+    /// request leaves its plaintext with the caller (for a trial decrypt) without a copy.
+    pub async fn encrypt_version(&self, caller: &Caller, req: &EncryptRequest, version: Uuid) -> Result<EncryptReply> {
+        self.run(caller, Operation::Encrypt, Some(req.key.to_string()), self.encrypt_inner(caller, req, Some(version)))
+            .await
     }
 
     pub async fn decrypt(&self, caller: &Caller, req: DecryptRequest) -> Result<DecryptReply> {
@@ -1499,7 +1522,7 @@ impl Dispatcher {
             let backend = self.inner.backends.get(&k.primary()?.handle.backend)?;
             let plaintext = Zeroizing::new(self.backend_call(backend.name(), backend.random(len)).await?);
             let req = EncryptRequest { key: KeyRef::Id(k.id.clone()), algorithm: None, plaintext, aad, iv: None };
-            let encrypted = self.encrypt_inner(caller, &req).await?;
+            let encrypted = self.encrypt_inner(caller, &req, None).await?;
             Ok(DataKeyReply { plaintext: req.plaintext, encrypted })
         })
         .await

@@ -2,7 +2,7 @@
 //! docs).
 
 use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
-use aws_lc_rs::{digest, rand};
+use aws_lc_rs::rand;
 use kmsgate_core::{Error, ErrorKind, KeyMaterialRef, KeyState, Result};
 use zeroize::Zeroizing;
 
@@ -15,7 +15,6 @@ pub(crate) const HEADER_LEN: usize = 1 + FINGERPRINT_LEN + NONCE_LEN;
 pub(crate) const TAG_LEN: usize = 16;
 
 const AAD_LABEL: &[u8] = b"kmsgate/software-handle/v1\0";
-const CACHE_LABEL: &[u8] = b"kmsgate/software-cache-key/v1\0";
 
 /// Feeds the identity a handle is bound to, in a fixed order with length prefixes so two different identities
 /// can never encode to the same bytes (key ids are at most 128 bytes, spec names a few).
@@ -37,20 +36,6 @@ fn aad(fingerprint: &[u8; FINGERPRINT_LEN], key: &KeyMaterialRef<'_>) -> Vec<u8>
     out.push(FORMAT_V1);
     out.extend_from_slice(fingerprint);
     feed_identity(key, &mut |part| out.extend_from_slice(part));
-    out
-}
-
-/// A digest naming one (identity, handle) pair. Cache entries are looked up by it, so a handle presented
-/// under another key id, version or spec never hits an entry prepared for its rightful owner.
-pub(crate) fn cache_digest(key: &KeyMaterialRef<'_>) -> [u8; 32] {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(CACHE_LABEL);
-    feed_identity(key, &mut |part| ctx.update(part));
-    let handle_len = u32::try_from(key.handle.len()).unwrap_or(u32::MAX);
-    ctx.update(&handle_len.to_be_bytes());
-    ctx.update(key.handle);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
     out
 }
 
@@ -190,12 +175,6 @@ mod tests {
         let fp = [0u8; 8];
         assert_ne!(aad(&fp, &at(&a, v, KeySpec::Aes256, &[])), aad(&fp, &at(&b, v, KeySpec::Aes256, &[])));
         assert_ne!(aad(&fp, &at(&a, v, KeySpec::Aes256, &[])), aad(&fp, &at(&a, v, KeySpec::Hmac256, &[])));
-        assert_ne!(
-            cache_digest(&at(&a, v, KeySpec::Aes256, &[1])),
-            cache_digest(&at(&a, Uuid::new_v4(), KeySpec::Aes256, &[1]))
-        );
-        assert_ne!(cache_digest(&at(&a, v, KeySpec::Aes256, &[1])), cache_digest(&at(&a, v, KeySpec::Aes256, &[2])));
-        assert_ne!(cache_digest(&at(&a, v, KeySpec::Aes256, &[1])), cache_digest(&at(&b, v, KeySpec::Aes256, &[1])));
     }
 
     #[test]

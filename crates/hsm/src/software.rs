@@ -63,20 +63,22 @@ pub struct SoftwareBackend {
 
 struct Inner {
     kek: Kek,
-    cache: Cache<CacheKey, Arc<Prepared>>,
+    cache: Cache<Uuid, Arc<Entry>>,
 }
 
-/// The version uuid keeps entries human-attributable in a debugger; the digest covers the identity and the handle
-/// (see [`handle::cache_digest`]).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct CacheKey {
-    version: Uuid,
-    digest: [u8; 32],
+/// A prepared key with the identity and handle it was unwrapped from. Entries are found by version id (one hash
+/// of 16 bytes per call) and used only when the presented key id, spec and handle are exactly these: a handle
+/// presented under another identity never gets an entry prepared for its rightful owner.
+struct Entry {
+    key_id: KeyId,
+    spec: KeySpec,
+    handle: Box<[u8]>,
+    prepared: Arc<Prepared>,
 }
 
-impl CacheKey {
-    fn of(key: &KeyMaterialRef<'_>) -> Self {
-        CacheKey { version: key.version, digest: handle::cache_digest(key) }
+impl Entry {
+    fn serves(&self, key: &KeyMaterialRef<'_>) -> bool {
+        self.spec == key.spec && self.key_id == *key.key_id && *self.handle == *key.handle
     }
 }
 
@@ -132,16 +134,17 @@ impl SoftwareBackend {
     /// The prepared key for `key`, from the cache or by unwrapping its handle. RSA parsing validates the key
     /// (several big-number operations), so it happens on a blocking thread.
     async fn prepared(&self, key: KeyMaterialRef<'_>) -> Result<Arc<Prepared>> {
-        let ck = CacheKey::of(&key);
-        if let Some(hit) = self.inner.cache.get(&ck) {
-            return Ok(hit);
+        if let Some(hit) = self.inner.cache.get(&key.version)
+            && hit.serves(&key)
+        {
+            return Ok(hit.prepared.clone());
         }
         if key.spec.is_rsa() {
             let inner = self.inner.clone();
             let (key_id, version, spec, handle) = (key.key_id.clone(), key.version, key.spec, key.handle.to_vec());
-            blocking(move || inner.load(ck, KeyMaterialRef { key_id: &key_id, version, spec, handle: &handle })).await
+            blocking(move || inner.load(KeyMaterialRef { key_id: &key_id, version, spec, handle: &handle })).await
         } else {
-            self.inner.load(ck, key)
+            self.inner.load(key)
         }
     }
 
@@ -195,20 +198,36 @@ impl fmt::Debug for SoftwareBackend {
 
 impl Inner {
     /// Loads through the cache so concurrent misses for one key unwrap it once.
-    fn load(&self, ck: CacheKey, key: KeyMaterialRef<'_>) -> Result<Arc<Prepared>> {
-        self.cache
-            .try_get_with(ck, || {
-                let material = handle::unwrap(&self.kek, &key)?;
-                // The material authenticated under our root key and was validated when wrapped: if it does not
-                // parse now, that is our bug, not the caller's request.
-                prepare(key.spec, &material).map(Arc::new).map_err(|e| match e.kind() {
-                    ErrorKind::InvalidRequest => {
-                        Error::internal("the key material in the handle cannot be used").with_source(e)
-                    }
-                    _ => e,
-                })
+    fn load(&self, key: KeyMaterialRef<'_>) -> Result<Arc<Prepared>> {
+        let unwrap = || -> Result<Arc<Prepared>> {
+            let material = handle::unwrap(&self.kek, &key)?;
+            // The material authenticated under our root key and was validated when wrapped: if it does not
+            // parse now, that is our bug, not the caller's request.
+            prepare(key.spec, &material).map(Arc::new).map_err(|e| match e.kind() {
+                ErrorKind::InvalidRequest => {
+                    Error::internal("the key material in the handle cannot be used").with_source(e)
+                }
+                _ => e,
             })
-            .map_err(unshare)
+        };
+        let entry = self
+            .cache
+            .try_get_with(key.version, || {
+                Ok::<_, Error>(Arc::new(Entry {
+                    key_id: key.key_id.clone(),
+                    spec: key.spec,
+                    handle: key.handle.into(),
+                    prepared: unwrap()?,
+                }))
+            })
+            .map_err(unshare)?;
+        if entry.serves(&key) {
+            Ok(entry.prepared.clone())
+        } else {
+            // Another identity owns this version id in the cache (a handle presented under the wrong key, or a
+            // stale entry): unwrap on its own, which authenticates the handle against the presented identity.
+            unwrap()
+        }
     }
 }
 
@@ -739,7 +758,7 @@ impl KeyBackend for SoftwareBackend {
     /// Software material lives only in the store's handle, which the store deletes; all there is to do here is
     /// drop the prepared copy from memory.
     async fn destroy(&self, key: KeyMaterialRef<'_>) -> Result<()> {
-        self.inner.cache.invalidate(&CacheKey::of(&key));
+        self.inner.cache.invalidate(&key.version);
         Ok(())
     }
 

@@ -12,6 +12,11 @@ use kmsgate::{
     xks_cli,
 };
 
+/// mimalloc instead of glibc malloc: per XKS Encrypt the server does ~165k instructions with glibc and ~131k with
+/// mimalloc (`kmsgate-bench instructions`, docs/benchmarks.md); jemalloc measured ~140k.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "kmsgate", version, about = "Multi-vendor KMS gateway: AWS XKS, Alibaba KMS, secrets REST, gRPC")]
 struct Args {

@@ -310,6 +310,22 @@ async fn rotation_keeps_old_ciphertexts(env: Env) {
     let mut unknown = dec(&k, &r1, b"a");
     unknown.version = Some(uuid::Uuid::new_v4());
     assert_eq!(kind(d.decrypt(c, unknown).await), ErrorKind::InvalidCiphertext);
+    // A named version: exactly that one, primary or not (a frontend bound it into its AAD before a rotation).
+    let old = d.encrypt_version(c, &enc(&k, b"old again", b"a"), r1.version).await.unwrap();
+    assert_eq!(old.version, r1.version);
+    assert_eq!(d.decrypt(c, dec(&k, &old, b"a")).await.unwrap().plaintext.as_slice(), b"old again");
+    let mut under_new = dec(&k, &old, b"a");
+    under_new.version = Some(r2.version);
+    assert_eq!(kind(d.decrypt(c, under_new).await), ErrorKind::InvalidCiphertext);
+    assert_eq!(d.encrypt_version(c, &enc(&k, b"x", b""), r2.version).await.unwrap().version, r2.version);
+    let missing = d.encrypt_version(c, &enc(&k, b"x", b""), uuid::Uuid::new_v4()).await;
+    assert_eq!(kind(missing), ErrorKind::InvalidRequest);
+    // State still rules: a disabled key encrypts under no version.
+    d.disable_key(c, &k).await.unwrap();
+    assert_eq!(
+        kind(d.encrypt_version(c, &enc(&k, b"x", b""), r1.version).await),
+        ErrorKind::InvalidKeyState(KeyState::Disabled)
+    );
 }
 
 async fn audit_one_event_per_operation_without_secrets(env: Env) {

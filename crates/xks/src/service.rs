@@ -311,7 +311,8 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
     let route = Route::parse(rest);
     log.operation = route.name();
     if let Some(k) = route.key_id() {
-        log.key_id = k.chars().take(128).collect();
+        // Only an overlong id pays for the character walk; request ids are short.
+        log.key_id = if k.len() <= 128 { k.to_owned() } else { k.chars().take(128).collect() };
     }
     if route != Route::Unknown && parts.method != Method::POST {
         let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
@@ -350,21 +351,24 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned);
     let ctx = Ctx { state, store: store.as_ref(), store_name: &store_doc.id, tenant: &store_doc.tenant };
-    let make_caller = |md: &BTreeMap<String, String>, log: &mut LogLine| {
+    let note = |md: &BTreeMap<String, String>, log: &mut LogLine| {
         log.kms_operation = md.get("kmsOperation").cloned().unwrap_or_default();
         log.kms_request_id = md.get("kmsRequestId").cloned().unwrap_or_default();
         log.aws_principal_arn = md.get("awsPrincipalArn").cloned().unwrap_or_default();
-        let mut metadata = md.clone();
+    };
+    // Built once authorization passed, from the metadata itself (no copy of it).
+    let make_caller = |mut metadata: BTreeMap<String, String>| {
+        let request_id = metadata
+            .get("kmsRequestId")
+            .cloned()
+            .or_else(|| fallback_request_id.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         metadata.insert("xksKeyStore".to_owned(), store_doc.id.clone());
         Caller {
             tenant: store_doc.tenant.clone(),
             identity: access_key_id.clone(),
             frontend: Frontend::Xks,
-            request_id: md
-                .get("kmsRequestId")
-                .cloned()
-                .or_else(|| fallback_request_id.clone())
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            request_id,
             metadata,
         }
     };
@@ -376,15 +380,16 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             let md = wire::parse_json::<wire::MetadataOnly>(&body)
                 .and_then(|b| wire::request_metadata(&route, b.request_metadata.as_ref()))
                 .unwrap_or_default();
-            let _caller = make_caller(&md, log);
+            note(&md, log);
             let health = state.health.get(d, &state.config, &store_doc.tenant).await;
             Ok(json_response(health.as_ref()))
         }
         Route::Metadata(key_id) => {
             let b: wire::MetadataOnly = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             ctx.authorize(XksOperation::Metadata, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             let key = d.describe_key(&caller, &KeyRef::Id(key.id.clone())).await?;
             let usage: Vec<&str> = key.usage.iter().take(10).map(|u| u.as_str()).collect();
@@ -397,7 +402,7 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
         Route::Encrypt(key_id) => {
             let b: wire::EncryptBody = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             let plaintext = wire::b64_secret("plaintext", b.plaintext.as_deref())?;
             wire::require_aes_gcm(b.encryption_algorithm.as_deref())?;
             let aad = wire::b64("additionalAuthenticatedData", b.additional_authenticated_data.as_deref(), false)?
@@ -409,13 +414,14 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             };
             ctx.check_sizes(plaintext.len(), aad.len())?;
             ctx.authorize(XksOperation::Encrypt, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             ctx.encrypt(&caller, key, plaintext, &aad, integrity).await
         }
         Route::Decrypt(key_id) => {
             let b: wire::DecryptBody = wire::parse_json(&body)?;
             let md = wire::request_metadata(&route, b.request_metadata.as_ref())?;
-            let caller = make_caller(&md, log);
+            note(&md, log);
             let ciphertext = wire::b64("ciphertext", b.ciphertext.as_deref(), true)?.unwrap_or_default();
             let metadata = wire::b64("ciphertextMetadata", b.ciphertext_metadata.as_deref(), false)?;
             wire::require_aes_gcm(b.encryption_algorithm.as_deref())?;
@@ -437,6 +443,7 @@ async fn process(state: &XksState, req: Request<Body>, log: &mut LogLine) -> Res
             }
             ctx.check_sizes(ciphertext.len(), aad.len())?;
             ctx.authorize(XksOperation::Decrypt, &md, log)?;
+            let caller = make_caller(md);
             let key = ctx.allowed_key(key_id).await?;
             // Ours always carry metadata naming the key version; a 16-byte IV was never produced here.
             let Some(metadata) = metadata else { return Err(XksError::invalid_ciphertext()) };
@@ -559,7 +566,7 @@ impl Ctx<'_> {
     async fn encrypt(
         &self,
         caller: &Caller,
-        mut key: Arc<Key>,
+        key: Arc<Key>,
         plaintext: zeroize::Zeroizing<Vec<u8>>,
         aad: &[u8],
         integrity: bool,
@@ -572,68 +579,77 @@ impl Ctx<'_> {
                 "a ciphertext data integrity value needs a key that can also decrypt",
             ));
         }
-        // The metadata (and so the AAD) names the version before the backend runs; should a rotation land in
-        // between, the reply names another version and we go again with the new primary.
-        for _ in 0..3 {
-            let version = key.primary_version;
-            let metadata = crypto::metadata(version);
-            let hsm_aad = crypto::backend_aad(aad, &metadata)
-                .ok_or_else(|| XksError::unsupported("the additional authenticated data is too large"))?;
-            let reply = d
-                .encrypt(
+        // The metadata (and so the AAD) names the version before the backend runs, and the dispatcher encrypts
+        // under exactly that version: a rotation landing in between changes nothing for this request.
+        let version = key.primary_version;
+        let metadata = crypto::metadata(version);
+        let hsm_aad = crypto::backend_aad(aad, &metadata)
+            .ok_or_else(|| XksError::unsupported("the additional authenticated data is too large"))?;
+        let req = EncryptRequest {
+            key: KeyRef::Id(key.id.clone()),
+            algorithm: Some(EncryptionAlgorithm::AesGcm),
+            plaintext,
+            aad: hsm_aad,
+            iv: None,
+        };
+        let reply = d.encrypt_version(caller, &req, version).await?;
+        if reply.version != version
+            || reply.iv.len() != 12
+            || reply.tag.len() != 16
+            || reply.ciphertext.len() != req.plaintext.len()
+        {
+            return Err(XksError::internal("the key manager returned a malformed ciphertext"));
+        }
+        let b64 = |bytes: &[u8]| STANDARD.encode(bytes);
+        let mut cdiv_b64 = None;
+        if integrity {
+            // Appendix C: the value is computed before the trial decrypt, so a corruption after it shows.
+            let cdiv = crypto::integrity_value(aad, &metadata, &reply.iv, &reply.ciphertext, &reply.tag);
+            let EncryptRequest { plaintext, aad: hsm_aad, .. } = req;
+            let trial = d
+                .decrypt(
                     caller,
-                    EncryptRequest {
+                    DecryptRequest {
                         key: KeyRef::Id(key.id.clone()),
+                        version: Some(version),
                         algorithm: Some(EncryptionAlgorithm::AesGcm),
-                        plaintext: plaintext.clone(),
-                        aad: hsm_aad.clone(),
-                        iv: None,
+                        iv: reply.iv.clone(),
+                        aad: hsm_aad,
+                        ciphertext: reply.ciphertext.clone(),
+                        tag: reply.tag.clone(),
                     },
                 )
-                .await?;
-            if reply.version != version {
-                key = d.resolve(self.tenant, &KeyRef::Id(key.id.clone())).await?;
-                continue;
-            }
-            if reply.iv.len() != 12 || reply.tag.len() != 16 || reply.ciphertext.len() != plaintext.len() {
-                return Err(XksError::internal("the key manager returned a malformed ciphertext"));
-            }
-            let mut out = serde_json::Map::new();
-            if integrity {
-                // Appendix C: the value is computed before the trial decrypt, so a corruption after it shows.
-                let cdiv = crypto::integrity_value(aad, &metadata, &reply.iv, &reply.ciphertext, &reply.tag);
-                let trial = d
-                    .decrypt(
-                        caller,
-                        DecryptRequest {
-                            key: KeyRef::Id(key.id.clone()),
-                            version: Some(version),
-                            algorithm: Some(EncryptionAlgorithm::AesGcm),
-                            iv: reply.iv.clone(),
-                            aad: hsm_aad,
-                            ciphertext: reply.ciphertext.clone(),
-                            tag: reply.tag.clone(),
-                        },
-                    )
-                    .await;
-                match trial {
-                    Ok(p) if constant_time_eq(p.plaintext.as_slice(), plaintext.as_slice()) => {}
-                    Err(e) if e.kind() == ErrorKind::DependencyTimeout => return Err(e.into()),
-                    Ok(_) | Err(_) => {
-                        tracing::error!(target: "xks", key_id = %key.id, "the trial decrypt after encrypt failed");
-                        return Err(XksError::internal("the encryption could not be verified; retry"));
-                    }
+                .await;
+            match trial {
+                Ok(p) if constant_time_eq(p.plaintext.as_slice(), plaintext.as_slice()) => {}
+                Err(e) if e.kind() == ErrorKind::DependencyTimeout => return Err(e.into()),
+                Ok(_) | Err(_) => {
+                    tracing::error!(target: "xks", key_id = %key.id, "the trial decrypt after encrypt failed");
+                    return Err(XksError::internal("the encryption could not be verified; retry"));
                 }
-                out.insert("ciphertextDataIntegrityValue".into(), STANDARD.encode(cdiv).into());
             }
-            out.insert("ciphertext".into(), STANDARD.encode(&reply.ciphertext).into());
-            out.insert("ciphertextMetadata".into(), STANDARD.encode(metadata).into());
-            out.insert("initializationVector".into(), STANDARD.encode(&reply.iv).into());
-            out.insert("authenticationTag".into(), STANDARD.encode(&reply.tag).into());
-            return Ok(json_response(&out));
+            cdiv_b64 = Some(b64(&cdiv));
         }
-        Err(XksError::internal("the key is being rotated; retry"))
+        Ok(json_response(&EncryptAnswer {
+            authentication_tag: &b64(&reply.tag),
+            ciphertext: &b64(&reply.ciphertext),
+            ciphertext_data_integrity_value: cdiv_b64.as_deref(),
+            ciphertext_metadata: &b64(&metadata),
+            initialization_vector: &b64(&reply.iv),
+        }))
     }
+}
+
+/// The Encrypt answer, serialised straight from borrowed strings (no intermediate JSON map).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EncryptAnswer<'a> {
+    authentication_tag: &'a str,
+    ciphertext: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ciphertext_data_integrity_value: Option<&'a str>,
+    ciphertext_metadata: &'a str,
+    initialization_vector: &'a str,
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ impl Dispatcher {
             aad,
             iv: None,
         };
-        let wrapped = self.encrypt_inner(caller, &wrap).await?;
+        let wrapped = self.encrypt_inner(caller, &wrap, None).await?;
         drop(wrap);
         let mut wrapped_key = Vec::with_capacity(wrapped.iv.len() + wrapped.ciphertext.len() + wrapped.tag.len());
         wrapped_key.extend_from_slice(&wrapped.iv);
