@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod ratelimit;
 mod routes;
 pub mod service;
+pub mod token;
 pub mod values;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 pub use code::ErrorCode;
 pub use error::{ApiError, code_for};
 pub use service::{SecretsState, bootstrap, set_maintenance};
+pub use token::{TokenPrincipal, TokenVerifier};
 
 use crate::model::TenantDoc;
 use crate::ratelimit::Category;

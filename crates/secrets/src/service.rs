@@ -547,7 +547,7 @@ impl SecretsState {
         Ok(claims)
     }
 
-    async fn identity_of(&self, claims: &Claims) -> ApiResult<Option<Arc<IdentityDoc>>> {
+    pub(crate) async fn identity_of(&self, claims: &Claims) -> ApiResult<Option<Arc<IdentityDoc>>> {
         let id = IdentityDoc::doc_id(&claims.tenant, &claims.typ, &claims.sub);
         match self.dispatcher.document(KIND_IDENTITY, &id).await? {
             None => Ok(None),

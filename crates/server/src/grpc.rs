@@ -78,19 +78,31 @@ pub fn tls_config(cfg: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> 
     Ok(Arc::new(config))
 }
 
-/// The authentication chain of the API. Today: mTLS client certificates mapped by `kmsgate grpc clients`.
-/// A bearer-token authenticator (the secrets API's tokens) is added here once that token store exists.
-pub fn auth_chain(dispatcher: &Dispatcher) -> AuthChain {
-    AuthChain::new().with(Arc::new(MtlsAuthenticator::new(dispatcher.clone())))
+/// The authentication chain of the API: the secrets API's bearer tokens first (when `[secrets]` is enabled),
+/// then mTLS client certificates mapped by `kmsgate grpc clients`. A call's own token is the more specific
+/// credential, so it decides when present, even on a connection whose certificate is registered; a token
+/// that does not verify is refused and never falls back to the certificate (docs/grpc.md).
+pub fn auth_chain(dispatcher: &Dispatcher, tokens: Option<kmsgate_secrets::TokenVerifier>) -> AuthChain {
+    let mut chain = AuthChain::new();
+    if let Some(v) = tokens {
+        chain = chain.with(Arc::new(crate::grpc_token::TokenAuthenticator::new(v)));
+    }
+    chain.with(Arc::new(MtlsAuthenticator::new(dispatcher.clone())))
+}
+
+/// The token verifier of `[secrets]` (`None` when the secrets API is disabled: no token is accepted then).
+pub fn token_verifier(app: &crate::app::App) -> Option<kmsgate_secrets::TokenVerifier> {
+    app.config.secrets.enabled.then(|| {
+        kmsgate_secrets::TokenVerifier::new(app.dispatcher.clone(), app.config.secrets.clone(), app.tenant.clone())
+    })
 }
 
 /// The API router: kmsgate.v1, grpc.health.v1, reflection; with the connection's client certificate names
 /// handed to the authenticators and the server's request id and access log.
-pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig) -> anyhow::Result<Router> {
+pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig, auth: AuthChain) -> anyhow::Result<Router> {
     let options =
         ApiOptions { reflection: cfg.reflection, health_watch_every: Duration::from_secs(cfg.health_watch_secs) };
-    let api =
-        kmsgate_grpc::api_router(dispatcher.clone(), auth_chain(&dispatcher), &options).map_err(anyhow::Error::msg)?;
+    let api = kmsgate_grpc::api_router(dispatcher, auth, &options).map_err(anyhow::Error::msg)?;
     Ok(api.layer(axum::middleware::from_fn(grpc_context)).layer(axum::middleware::from_fn(http::request_context)))
 }
 
@@ -207,7 +219,8 @@ pub async fn start(app: &crate::app::App, stop: watch::Receiver<bool>) -> anyhow
     if cfg.grpc.enabled {
         let tls_cfg = cfg.grpc.tls.as_ref().context("grpc.tls is required")?;
         let tls = tls_config(tls_cfg).context("grpc.tls")?;
-        let router = router(app.dispatcher.clone(), &cfg.grpc)?;
+        let auth = auth_chain(&app.dispatcher, token_verifier(app));
+        let router = router(app.dispatcher.clone(), &cfg.grpc, auth)?;
         let listener =
             TcpListener::bind(cfg.grpc.bind).await.with_context(|| format!("cannot listen on {}", cfg.grpc.bind))?;
         started.api = Some(listener.local_addr()?);
