@@ -9,6 +9,7 @@ pub mod code;
 pub mod crypto;
 pub mod error;
 mod health;
+pub mod labels;
 pub mod model;
 pub mod openapi;
 pub mod ratelimit;

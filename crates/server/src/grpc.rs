@@ -127,6 +127,99 @@ async fn grpc_context(mut req: Request<Body>, next: Next) -> Response {
     next.run(req).await
 }
 
+/// The RPCs of the API listener: the bounded `operation` values of the request metrics (`unknown` for any
+/// other path: never the caller's text).
+pub const RPCS: &[&str] = &[
+    "Encrypt",
+    "Decrypt",
+    "GenerateDataKey",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "Random",
+    "Hmac",
+    "VerifyHmac",
+    "CreateKey",
+    "DescribeKey",
+    "ListKeys",
+    "EnableKey",
+    "DisableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "RotateKey",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "Health",
+    "GetSecret",
+    "PutSecret",
+    "ListSecrets",
+    "DeleteSecret",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+];
+
+/// The services whose RPCs are labelled by name.
+const SERVICES: &[&str] = &[
+    "kmsgate.v1.KeyManagementService",
+    "kmsgate.v1.SecretsService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The metrics operation of a gRPC request path (`/package.Service/Method`).
+pub fn rpc_label(path: &str) -> &'static str {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return "unknown" };
+    if !SERVICES.contains(&service) {
+        return "unknown";
+    }
+    RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown")
+}
+
+/// The metrics code of a gRPC response: the status name when the response is Trailers-Only (how errors are
+/// sent), else `ok` (the status then comes in the trailers, after the message).
+pub fn status_label(headers: &axum::http::HeaderMap) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        None | Some("0") => "ok",
+        Some(v) => v.parse::<usize>().ok().and_then(|i| NAMES.get(i).copied()).unwrap_or("UNKNOWN"),
+    }
+}
+
+/// Labels each gRPC response for the request metrics (`frontend="grpc"`).
+async fn wire_labels(req: Request<Body>, next: Next) -> Response {
+    let operation = rpc_label(req.uri().path());
+    let mut resp = next.run(req).await;
+    let code = status_label(resp.headers());
+    resp.extensions_mut().insert(kmsgate_core::metrics::WireLabels {
+        frontend: kmsgate_core::Frontend::Grpc,
+        operation,
+        code,
+    });
+    resp
+}
+
 /// The KMS v2 plugin service of `[kms_plugin]`.
 pub fn plugin_router(
     dispatcher: Dispatcher,
@@ -220,7 +313,9 @@ pub async fn start(app: &crate::app::App, stop: watch::Receiver<bool>) -> anyhow
         let tls_cfg = cfg.grpc.tls.as_ref().context("grpc.tls is required")?;
         let tls = tls_config(tls_cfg).context("grpc.tls")?;
         let auth = auth_chain(&app.dispatcher, token_verifier(app));
-        let router = router(app.dispatcher.clone(), &cfg.grpc, auth)?;
+        let router = router(app.dispatcher.clone(), &cfg.grpc, auth)?
+            .layer(axum::middleware::from_fn(wire_labels))
+            .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track));
         let listener =
             TcpListener::bind(cfg.grpc.bind).await.with_context(|| format!("cannot listen on {}", cfg.grpc.bind))?;
         started.api = Some(listener.local_addr()?);
@@ -282,6 +377,22 @@ mod tests {
         let err = format!("{:#}", super::bind_unix(&file).unwrap_err());
         assert!(err.contains("is not a socket"), "{err}");
         assert_eq!(std::fs::read(&file).unwrap(), b"x", "nothing else is ever removed");
+    }
+
+    #[test]
+    fn metrics_labels_are_bounded() {
+        assert_eq!(super::rpc_label("/kmsgate.v1.KeyManagementService/Encrypt"), "Encrypt");
+        assert_eq!(super::rpc_label("/kmsgate.v1.SecretsService/GetSecret"), "GetSecret");
+        assert_eq!(super::rpc_label("/grpc.health.v1.Health/Check"), "Check");
+        for bad in ["/", "/x.Y/Encrypt", "/kmsgate.v1.SecretsService/Nope", "Encrypt", "/kmsgate.v1.SecretsService"] {
+            assert_eq!(super::rpc_label(bad), "unknown", "{bad}");
+        }
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(super::status_label(&h), "ok");
+        h.insert("grpc-status", "7".parse().unwrap());
+        assert_eq!(super::status_label(&h), "PERMISSION_DENIED");
+        h.insert("grpc-status", "99".parse().unwrap());
+        assert_eq!(super::status_label(&h), "UNKNOWN");
     }
 
     #[test]
