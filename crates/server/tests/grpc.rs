@@ -1721,6 +1721,11 @@ async fn bearer_tokens_of_the_secrets_api() {
             .unwrap()
             .to_owned();
     kms.health(bearer(&victim, pb::HealthRequest {})).await.expect("valid before revocation");
+    let r = sec.list_secrets(bearer(&victim, pb::ListSecretsRequest::default())).await;
+    let s = expect_err(r, Code::PermissionDenied, "listing needs secrets:list");
+    assert!(s.message().contains("secrets:list"), "{}", s.message());
+    let del = pb::DeleteSecretRequest { path: "app/db".into(), ..Default::default() };
+    expect_err(sec.delete_secret(bearer(&alice, del)).await, Code::PermissionDenied, "delete needs secrets:delete");
     let jti = rest_ok(main, "GET", "/v1/auth/whoami", &victim, None).await["token_id"].as_str().unwrap().to_owned();
     let r = rest(main, "DELETE", &format!("/v1/auth/tokens/{jti}"), &admin, None).await;
     assert_eq!(r.status, 204);
