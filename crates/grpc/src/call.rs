@@ -31,6 +31,38 @@ pub struct CallCtx {
 }
 
 impl CallCtx {
+    /// Asks the credential's guard, if any, under the call's deadline. A refusal never reaches the dispatcher
+    /// (which audits operations), so it is audited here as an `AccessCheck`, as the secrets REST API does.
+    pub async fn check_audited(&self, dispatcher: &Dispatcher, action: Action<'_>) -> Result<(), Status> {
+        let started = Instant::now();
+        let checked = self.check(action).await;
+        if let Err(status) = &checked
+            && status.code() == tonic::Code::PermissionDenied
+        {
+            let (resource, rpc) = match action {
+                Action::Key(rpc) => (None, rpc),
+                Action::Secret { path, .. } => (Some(path.to_owned()), "secret"),
+                Action::ListSecrets => (None, "ListSecrets"),
+                Action::Health => (None, "Health"),
+            };
+            let mut metadata = self.caller.metadata.clone();
+            metadata.insert("rpc".to_owned(), rpc.to_owned());
+            dispatcher.audit_sink().record(&kmsgate_core::AuditEvent {
+                at: kmsgate_core::Timestamp::now(),
+                request_id: self.caller.request_id.clone(),
+                tenant: self.caller.tenant.to_string(),
+                identity: self.caller.identity.clone(),
+                frontend: self.caller.frontend,
+                operation: kmsgate_core::Operation::AccessCheck,
+                resource,
+                outcome: kmsgate_core::Outcome::Error { kind: ErrorKind::AccessDenied.as_str() },
+                latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                metadata,
+            });
+        }
+        checked
+    }
+
     /// Asks the credential's guard, if any, under the call's deadline.
     pub async fn check(&self, action: Action<'_>) -> Result<(), Status> {
         let Some(g) = &self.guard else { return Ok(()) };
@@ -238,7 +270,7 @@ where
     Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let ctx = begin(auth, &req, Frontend::Grpc).await?;
-    ctx.check(req.get_ref().action()).await?;
+    ctx.check_audited(dispatcher, req.get_ref().action()).await?;
     run(ctx.deadline, work(dispatcher.clone(), ctx.caller, req.into_inner())).await
 }
 

@@ -96,7 +96,7 @@ impl SecretsService for SecretsSvc {
         // By hand rather than `with_caller`: the guard also filters the page, as the REST listing does (a
         // path the caller may not `list` is left out, not an error).
         let ctx = begin(&self.auth, &req, Frontend::Grpc).await?;
-        ctx.check(req.get_ref().action()).await?;
+        ctx.check_audited(&self.dispatcher, req.get_ref().action()).await?;
         let (d, c, r, guard) = (self.dispatcher.clone(), ctx.caller, req.into_inner(), ctx.guard);
         run(ctx.deadline, async move {
             let filter = SecretListFilter {

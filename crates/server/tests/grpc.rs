@@ -1566,7 +1566,13 @@ async fn bearer_tokens_of_the_secrets_api() {
     use serde_json::json;
 
     let dir = tempfile::tempdir().unwrap();
-    let config = kmsgate::config::Config { data_dir: dir.path().join("data"), ..kmsgate::config::Config::default() };
+    let mut config =
+        kmsgate::config::Config { data_dir: dir.path().join("data"), ..kmsgate::config::Config::default() };
+    let audit_file = dir.path().join("audit.log");
+    config.audit = kmsgate::config::AuditConfig {
+        destination: kmsgate::config::AuditDestination::File,
+        path: Some(audit_file.clone()),
+    };
     let (app, _) = kmsgate::app::App::open(config).await.unwrap();
     let d = app.dispatcher.clone();
     let st = kmsgate_secrets::SecretsState::new(d.clone(), app.config.secrets.clone(), app.tenant.clone());
@@ -1747,4 +1753,34 @@ async fn bearer_tokens_of_the_secrets_api() {
     let r = both.encrypt(bearer(&victim, enc(b"x"))).await;
     expect_err(r, Code::Unauthenticated, "a revoked token never falls back to the certificate");
     both.encrypt(bearer(&admin, enc(b"x"))).await.expect("a permitted token on an mTLS connection");
+
+    // Audit: alice's calls name her and her token id (never the token); refusals by the token's scopes or
+    // policies are audited as AccessCheck, as over REST.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&audit_file).unwrap_or_default();
+        assert!(!text.contains(&alice) && !text.contains(&admin), "no token in the audit log");
+        let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let denied = |r: &&serde_json::Value| {
+            r["identity"] == "user:alice" && r["frontend"] == "grpc" && r["operation"] == "AccessCheck"
+        };
+        if records.iter().filter(denied).count() >= 4 {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "refusals not audited:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let team_b = records
+        .iter()
+        .find(|r| r["identity"] == "user:alice" && r["operation"] == "AccessCheck" && r["resource"] == "team/b")
+        .expect("the refused read of team/b is audited");
+    assert_eq!(team_b["outcome"]["error"]["kind"], "access_denied", "{team_b}");
+    assert!(team_b["metadata"]["token_id"].as_str().is_some_and(|t| t.starts_with("tok_")), "{team_b}");
+    assert!(
+        records.iter().any(|r| r["identity"] == "user:alice"
+            && r["frontend"] == "grpc"
+            && r["resource"] == "app/db"
+            && r["outcome"] == "ok"),
+        "alice's permitted read is audited as hers"
+    );
 }
