@@ -1,7 +1,8 @@
 //! Authentication of gRPC calls: a chain of authenticators, each turning one kind of credential into a
-//! [`Principal`] (tenant, identity). Today the chain holds the mTLS authenticator (client certificate subject
-//! mapped to an identity by a `grpc.client` document in the store). Bearer tokens of the secrets API plug in
-//! as another [`Authenticator`] once that API's token store exists; nothing here pretends to check them.
+//! [`Principal`] (tenant, identity). This crate provides the mTLS authenticator (client certificate subject
+//! mapped to an identity by a `grpc.client` document in the store); the server adds one for the secrets API's
+//! bearer tokens. A principal may carry a [`Guard`]: the per-call permission check of its kind of credential
+//! (a token's scopes and policies), asked with the call's [`Action`] before any work.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,12 +21,35 @@ pub const CLIENT_KIND: &str = "grpc.client";
 pub struct TlsClientNames(pub Arc<Vec<String>>);
 
 /// Who an authenticated call acts as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     pub tenant: TenantId,
     pub identity: String,
-    /// How the caller authenticated, for audit (e.g. `client_subject`); never a secret.
+    /// How the caller authenticated, for audit (e.g. `client_subject`, `token_id`); never a secret.
     pub metadata: BTreeMap<String, String>,
+    /// The credential's own permission check; `None`: the dispatcher's authorizer alone decides (mTLS).
+    pub guard: Option<Arc<dyn Guard>>,
+}
+
+/// What a call is about to do, for a [`Guard`]. Every request message names its action (see
+/// `crate::call::Guarded`), so an RPC cannot be added without deciding what it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action<'a> {
+    /// A `KeyManagementService` RPC (cryptography, key and alias management), by RPC name.
+    Key(&'static str),
+    /// A secret RPC on one path: `permission` is the secrets API's (`read`, `write`, `delete`, `list`).
+    Secret { permission: &'static str, path: &'a str },
+    /// `ListSecrets`: the listing itself; each listed path is then checked as `Secret { permission: "list" }`.
+    ListSecrets,
+    /// The audited health probe: any authenticated caller.
+    Health,
+}
+
+/// A credential's permission check.
+#[async_trait]
+pub trait Guard: Send + Sync + fmt::Debug {
+    /// `Err(AccessDenied)` when the principal may not perform `action`.
+    async fn check(&self, action: Action<'_>) -> Result<()>;
 }
 
 /// What an authenticator may look at: the call's metadata (headers) and its extensions (connection facts).
@@ -77,7 +101,7 @@ impl AuthChain {
         }
         Err(Error::new(
             ErrorKind::AuthenticationFailed,
-            "no credential: present a client certificate registered with `kmsgate grpc clients add`",
+            "no credential: present a bearer token or a client certificate registered with `kmsgate grpc clients add`",
         ))
     }
 }
@@ -124,7 +148,12 @@ impl Authenticator for MtlsAuthenticator {
                     Error::new(ErrorKind::StorageFailure, "a client mapping in the store is unreadable").with_source(e)
                 })?;
                 let metadata = BTreeMap::from([("client_subject".to_owned(), id)]);
-                return Ok(Some(Principal { tenant: doc.tenant.clone(), identity: mapping.identity, metadata }));
+                return Ok(Some(Principal {
+                    tenant: doc.tenant.clone(),
+                    identity: mapping.identity,
+                    metadata,
+                    guard: None,
+                }));
             }
         }
         tracing::info!(presented = ?names, "gRPC client certificate subject is not registered");

@@ -9,8 +9,9 @@ use kmsgate_core::{Caller, Dispatcher, Error, ErrorKind, Frontend};
 use tonic::{Request, Status};
 use tracing::Instrument as _;
 
-use crate::auth::{AuthChain, CallContext};
+use crate::auth::{Action, AuthChain, CallContext, Guard};
 use crate::error::{deadline_exceeded, frontend_error, status_of};
+use crate::proto::kmsgate_v1 as pb;
 
 /// Beyond the caller's deadline, how long the dispatcher may take to notice it on its own before the call is
 /// cut: every dependency call inside is already bounded by the deadline, so this only covers the bookkeeping
@@ -25,6 +26,124 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct CallCtx {
     pub caller: Caller,
     pub deadline: Option<Instant>,
+    /// The credential's permission check (see [`Guard`]).
+    pub guard: Option<std::sync::Arc<dyn Guard>>,
+}
+
+impl CallCtx {
+    /// Asks the credential's guard, if any, under the call's deadline. A refusal never reaches the dispatcher
+    /// (which audits operations), so it is audited here as an `AccessCheck`, as the secrets REST API does.
+    pub async fn check_audited(&self, dispatcher: &Dispatcher, action: Action<'_>) -> Result<(), Status> {
+        let started = Instant::now();
+        let checked = self.check(action).await;
+        if let Err(status) = &checked
+            && status.code() == tonic::Code::PermissionDenied
+        {
+            let (resource, rpc) = match action {
+                Action::Key(rpc) => (None, rpc),
+                Action::Secret { path, .. } => (Some(path.to_owned()), "secret"),
+                Action::ListSecrets => (None, "ListSecrets"),
+                Action::Health => (None, "Health"),
+            };
+            let mut metadata = self.caller.metadata.clone();
+            metadata.insert("rpc".to_owned(), rpc.to_owned());
+            dispatcher.audit_sink().record(&kmsgate_core::AuditEvent {
+                at: kmsgate_core::Timestamp::now(),
+                request_id: self.caller.request_id.clone(),
+                tenant: self.caller.tenant.to_string(),
+                identity: self.caller.identity.clone(),
+                frontend: self.caller.frontend,
+                operation: kmsgate_core::Operation::AccessCheck,
+                resource,
+                outcome: kmsgate_core::Outcome::Error { kind: ErrorKind::AccessDenied.as_str() },
+                latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                metadata,
+            });
+        }
+        checked
+    }
+
+    /// Asks the credential's guard, if any, under the call's deadline.
+    pub async fn check(&self, action: Action<'_>) -> Result<(), Status> {
+        let Some(g) = &self.guard else { return Ok(()) };
+        let checked = match self.deadline {
+            Some(d) => kmsgate_core::deadline::with_deadline(d, g.check(action)).await,
+            None => g.check(action).await,
+        };
+        checked.map_err(|e| match self.deadline {
+            Some(d) if e.kind() == ErrorKind::DependencyTimeout && Instant::now() >= d => deadline_exceeded(),
+            _ => status_of(&e),
+        })
+    }
+}
+
+/// What a request message asks to do, for the caller's [`Guard`].
+pub trait Guarded {
+    fn action(&self) -> Action<'_>;
+}
+
+macro_rules! key_actions {
+    ($($msg:ident => $rpc:literal),* $(,)?) => {
+        $(impl Guarded for pb::$msg {
+            fn action(&self) -> Action<'_> {
+                Action::Key($rpc)
+            }
+        })*
+    };
+}
+
+key_actions! {
+    EncryptRequest => "Encrypt",
+    DecryptRequest => "Decrypt",
+    GenerateDataKeyRequest => "GenerateDataKey",
+    SignRequest => "Sign",
+    VerifyRequest => "Verify",
+    GetPublicKeyRequest => "GetPublicKey",
+    RandomRequest => "Random",
+    HmacRequest => "Hmac",
+    VerifyHmacRequest => "VerifyHmac",
+    CreateKeyRequest => "CreateKey",
+    DescribeKeyRequest => "DescribeKey",
+    ListKeysRequest => "ListKeys",
+    EnableKeyRequest => "EnableKey",
+    DisableKeyRequest => "DisableKey",
+    ScheduleKeyDeletionRequest => "ScheduleKeyDeletion",
+    CancelKeyDeletionRequest => "CancelKeyDeletion",
+    RotateKeyRequest => "RotateKey",
+    CreateAliasRequest => "CreateAlias",
+    UpdateAliasRequest => "UpdateAlias",
+    DeleteAliasRequest => "DeleteAlias",
+    ListAliasesRequest => "ListAliases",
+}
+
+impl Guarded for pb::HealthRequest {
+    fn action(&self) -> Action<'_> {
+        Action::Health
+    }
+}
+
+impl Guarded for pb::GetSecretRequest {
+    fn action(&self) -> Action<'_> {
+        Action::Secret { permission: "read", path: &self.path }
+    }
+}
+
+impl Guarded for pb::PutSecretRequest {
+    fn action(&self) -> Action<'_> {
+        Action::Secret { permission: "write", path: &self.path }
+    }
+}
+
+impl Guarded for pb::DeleteSecretRequest {
+    fn action(&self) -> Action<'_> {
+        Action::Secret { permission: "delete", path: &self.path }
+    }
+}
+
+impl Guarded for pb::ListSecretsRequest {
+    fn action(&self) -> Action<'_> {
+        Action::ListSecrets
+    }
 }
 
 /// `grpc-timeout`: 1-8 ASCII digits and a unit (H, M, S, m, u, n), per the gRPC over HTTP/2 spec.
@@ -92,6 +211,7 @@ pub async fn begin<T>(auth: &AuthChain, req: &Request<T>, frontend: Frontend) ->
             metadata: principal.metadata,
         },
         deadline,
+        guard: principal.guard,
     })
 }
 
@@ -136,8 +256,9 @@ pub async fn run<T: Send + 'static>(
     }
 }
 
-/// Convenience for handlers: `begin` then `run` with the dispatcher.
-pub async fn with_caller<Q, T, F, Fut>(
+/// Convenience for handlers: `begin`, the guard's check of the request's action, then `run` with the
+/// dispatcher.
+pub async fn with_caller<Q: Guarded, T, F, Fut>(
     auth: &AuthChain,
     dispatcher: &Dispatcher,
     req: Request<Q>,
@@ -149,6 +270,7 @@ where
     Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let ctx = begin(auth, &req, Frontend::Grpc).await?;
+    ctx.check_audited(dispatcher, req.get_ref().action()).await?;
     run(ctx.deadline, work(dispatcher.clone(), ctx.caller, req.into_inner())).await
 }
 

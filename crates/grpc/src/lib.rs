@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use kmsgate_core::Dispatcher;
 
-pub use auth::{AuthChain, Authenticator, MtlsAuthenticator, Principal, TlsClientNames};
+pub use auth::{Action, AuthChain, Authenticator, Guard, MtlsAuthenticator, Principal, TlsClientNames};
 pub use kms_plugin::{KmsPlugin, KmsPluginConfig};
 
 /// Options of the API router.

@@ -9,11 +9,13 @@ pub mod code;
 pub mod crypto;
 pub mod error;
 mod health;
+pub mod labels;
 pub mod model;
 pub mod openapi;
 pub mod ratelimit;
 mod routes;
 pub mod service;
+pub mod token;
 pub mod values;
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use code::ErrorCode;
 pub use error::{ApiError, code_for};
 pub use service::{SecretsState, bootstrap, set_maintenance};
+pub use token::{TokenPrincipal, TokenVerifier};
 
 use crate::model::TenantDoc;
 use crate::ratelimit::Category;

@@ -257,6 +257,7 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
         .map(str::to_owned)
         .unwrap_or_else(|| format!("req_{}", ulid()));
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let operation = crate::labels::operation(req.method(), req.uri().path());
     let (parts, body) = req.into_parts();
     let mut ctx = Ctx {
         request_id,
@@ -275,6 +276,7 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
         principal: None,
     };
     let result = run(&st, &mut ctx, parts.uri.path(), body).await;
+    let code = result.as_ref().err().map_or("ok", |e| e.code.as_str());
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -288,6 +290,7 @@ pub async fn handle(State(st): State<Arc<SecretsState>>, req: Request) -> Respon
         let _ = st.limit_by_ip(&mut ctx);
     }
     finish(&mut resp, &ctx);
+    resp.extensions_mut().insert(kmsgate_core::metrics::WireLabels { frontend: Frontend::Secrets, operation, code });
     resp
 }
 
@@ -547,7 +550,7 @@ impl SecretsState {
         Ok(claims)
     }
 
-    async fn identity_of(&self, claims: &Claims) -> ApiResult<Option<Arc<IdentityDoc>>> {
+    pub(crate) async fn identity_of(&self, claims: &Claims) -> ApiResult<Option<Arc<IdentityDoc>>> {
         let id = IdentityDoc::doc_id(&claims.tenant, &claims.typ, &claims.sub);
         match self.dispatcher.document(KIND_IDENTITY, &id).await? {
             None => Ok(None),

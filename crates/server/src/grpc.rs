@@ -78,19 +78,31 @@ pub fn tls_config(cfg: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> 
     Ok(Arc::new(config))
 }
 
-/// The authentication chain of the API. Today: mTLS client certificates mapped by `kmsgate grpc clients`.
-/// A bearer-token authenticator (the secrets API's tokens) is added here once that token store exists.
-pub fn auth_chain(dispatcher: &Dispatcher) -> AuthChain {
-    AuthChain::new().with(Arc::new(MtlsAuthenticator::new(dispatcher.clone())))
+/// The authentication chain of the API: the secrets API's bearer tokens first (when `[secrets]` is enabled),
+/// then mTLS client certificates mapped by `kmsgate grpc clients`. A call's own token is the more specific
+/// credential, so it decides when present, even on a connection whose certificate is registered; a token
+/// that does not verify is refused and never falls back to the certificate (docs/grpc.md).
+pub fn auth_chain(dispatcher: &Dispatcher, tokens: Option<kmsgate_secrets::TokenVerifier>) -> AuthChain {
+    let mut chain = AuthChain::new();
+    if let Some(v) = tokens {
+        chain = chain.with(Arc::new(crate::grpc_token::TokenAuthenticator::new(v)));
+    }
+    chain.with(Arc::new(MtlsAuthenticator::new(dispatcher.clone())))
+}
+
+/// The token verifier of `[secrets]` (`None` when the secrets API is disabled: no token is accepted then).
+pub fn token_verifier(app: &crate::app::App) -> Option<kmsgate_secrets::TokenVerifier> {
+    app.config.secrets.enabled.then(|| {
+        kmsgate_secrets::TokenVerifier::new(app.dispatcher.clone(), app.config.secrets.clone(), app.tenant.clone())
+    })
 }
 
 /// The API router: kmsgate.v1, grpc.health.v1, reflection; with the connection's client certificate names
 /// handed to the authenticators and the server's request id and access log.
-pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig) -> anyhow::Result<Router> {
+pub fn router(dispatcher: Dispatcher, cfg: &GrpcConfig, auth: AuthChain) -> anyhow::Result<Router> {
     let options =
         ApiOptions { reflection: cfg.reflection, health_watch_every: Duration::from_secs(cfg.health_watch_secs) };
-    let api =
-        kmsgate_grpc::api_router(dispatcher.clone(), auth_chain(&dispatcher), &options).map_err(anyhow::Error::msg)?;
+    let api = kmsgate_grpc::api_router(dispatcher, auth, &options).map_err(anyhow::Error::msg)?;
     Ok(api.layer(axum::middleware::from_fn(grpc_context)).layer(axum::middleware::from_fn(http::request_context)))
 }
 
@@ -113,6 +125,99 @@ async fn grpc_context(mut req: Request<Body>, next: Next) -> Response {
         req.extensions_mut().insert(TlsClientNames(Arc::new(names)));
     }
     next.run(req).await
+}
+
+/// The RPCs of the API listener: the bounded `operation` values of the request metrics (`unknown` for any
+/// other path: never the caller's text).
+pub const RPCS: &[&str] = &[
+    "Encrypt",
+    "Decrypt",
+    "GenerateDataKey",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "Random",
+    "Hmac",
+    "VerifyHmac",
+    "CreateKey",
+    "DescribeKey",
+    "ListKeys",
+    "EnableKey",
+    "DisableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "RotateKey",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "Health",
+    "GetSecret",
+    "PutSecret",
+    "ListSecrets",
+    "DeleteSecret",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+];
+
+/// The services whose RPCs are labelled by name.
+const SERVICES: &[&str] = &[
+    "kmsgate.v1.KeyManagementService",
+    "kmsgate.v1.SecretsService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The metrics operation of a gRPC request path (`/package.Service/Method`).
+pub fn rpc_label(path: &str) -> &'static str {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return "unknown" };
+    if !SERVICES.contains(&service) {
+        return "unknown";
+    }
+    RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown")
+}
+
+/// The metrics code of a gRPC response: the status name when the response is Trailers-Only (how errors are
+/// sent), else `ok` (the status then comes in the trailers, after the message).
+pub fn status_label(headers: &axum::http::HeaderMap) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        None | Some("0") => "ok",
+        Some(v) => v.parse::<usize>().ok().and_then(|i| NAMES.get(i).copied()).unwrap_or("UNKNOWN"),
+    }
+}
+
+/// Labels each gRPC response for the request metrics (`frontend="grpc"`).
+async fn wire_labels(req: Request<Body>, next: Next) -> Response {
+    let operation = rpc_label(req.uri().path());
+    let mut resp = next.run(req).await;
+    let code = status_label(resp.headers());
+    resp.extensions_mut().insert(kmsgate_core::metrics::WireLabels {
+        frontend: kmsgate_core::Frontend::Grpc,
+        operation,
+        code,
+    });
+    resp
 }
 
 /// The KMS v2 plugin service of `[kms_plugin]`.
@@ -207,7 +312,10 @@ pub async fn start(app: &crate::app::App, stop: watch::Receiver<bool>) -> anyhow
     if cfg.grpc.enabled {
         let tls_cfg = cfg.grpc.tls.as_ref().context("grpc.tls is required")?;
         let tls = tls_config(tls_cfg).context("grpc.tls")?;
-        let router = router(app.dispatcher.clone(), &cfg.grpc)?;
+        let auth = auth_chain(&app.dispatcher, token_verifier(app));
+        let router = router(app.dispatcher.clone(), &cfg.grpc, auth)?
+            .layer(axum::middleware::from_fn(wire_labels))
+            .layer(axum::middleware::from_fn_with_state(app.metrics.clone(), crate::metrics::track));
         let listener =
             TcpListener::bind(cfg.grpc.bind).await.with_context(|| format!("cannot listen on {}", cfg.grpc.bind))?;
         started.api = Some(listener.local_addr()?);
@@ -269,6 +377,22 @@ mod tests {
         let err = format!("{:#}", super::bind_unix(&file).unwrap_err());
         assert!(err.contains("is not a socket"), "{err}");
         assert_eq!(std::fs::read(&file).unwrap(), b"x", "nothing else is ever removed");
+    }
+
+    #[test]
+    fn metrics_labels_are_bounded() {
+        assert_eq!(super::rpc_label("/kmsgate.v1.KeyManagementService/Encrypt"), "Encrypt");
+        assert_eq!(super::rpc_label("/kmsgate.v1.SecretsService/GetSecret"), "GetSecret");
+        assert_eq!(super::rpc_label("/grpc.health.v1.Health/Check"), "Check");
+        for bad in ["/", "/x.Y/Encrypt", "/kmsgate.v1.SecretsService/Nope", "Encrypt", "/kmsgate.v1.SecretsService"] {
+            assert_eq!(super::rpc_label(bad), "unknown", "{bad}");
+        }
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(super::status_label(&h), "ok");
+        h.insert("grpc-status", "7".parse().unwrap());
+        assert_eq!(super::status_label(&h), "PERMISSION_DENIED");
+        h.insert("grpc-status", "99".parse().unwrap());
+        assert_eq!(super::status_label(&h), "UNKNOWN");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod grpc_cli;
+pub mod grpc_token;
 pub mod hsm_cli;
 pub mod http;
 pub mod metrics;

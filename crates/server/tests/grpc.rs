@@ -149,7 +149,7 @@ async fn serve(d: &Dispatcher, mtls: bool, cfg: GrpcConfig) -> GrpcServer {
         Err(e) => panic!("{e:?}"),
     }
     let app_cert = pki.leaf("app", &["app.internal"], true);
-    let router = kmsgate::grpc::router(d.clone(), &cfg).unwrap();
+    let router = kmsgate::grpc::router(d.clone(), &cfg, kmsgate::grpc::auth_chain(d, None)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -711,7 +711,8 @@ async fn authentication_tls_and_mtls() {
     assert_eq!(reason(&expect_err(r, Code::NotFound, "other tenant's key")), "key_not_found");
 
     // TLS without client certificates: the listener serves TLS (h2 by ALPN), health and reflection answer,
-    // and API calls are UNAUTHENTICATED (no credential; bearer tokens are not accepted yet).
+    // and API calls are UNAUTHENTICATED (no credential: this listener's chain has no token authenticator, as
+    // with `[secrets] enabled = false`; tokens: `bearer_tokens_of_the_secrets_api`).
     let tls_only = serve(&env.dispatcher, false, grpc_config()).await;
     let ch = channel(tls_only.addr, &tls_only.pki.ca_pem, None).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
@@ -1339,7 +1340,12 @@ async fn cross_frontend_alibaba_and_cli() {
     tokio::spawn(kmsgate::http::serve(
         grpc_listener,
         Some(tls),
-        kmsgate::grpc::router(d.clone(), &grpc_config()).unwrap(),
+        kmsgate::grpc::router(
+            d.clone(),
+            &grpc_config(),
+            kmsgate::grpc::auth_chain(&d, kmsgate::grpc::token_verifier(&app)),
+        )
+        .unwrap(),
         stop(rx.clone()),
         Duration::from_secs(1),
     ));
@@ -1511,4 +1517,270 @@ async fn python_grpcio_client() {
     let events = env.audit.events();
     assert!(events.iter().any(|e| e.operation == Operation::RotateKey && e.identity == "app"));
     assert!(events.iter().any(|e| e.operation == Operation::Decrypt && e.frontend.as_str() == "kubernetes_kms"));
+}
+
+// ---- bearer tokens of the secrets API -----------------------------------------------------------------
+
+/// One REST call to the secrets API on `addr` with a bearer token.
+async fn rest(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> common::Reply {
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {token}"));
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let body = body.map(|v| serde_json::to_vec(&v).unwrap()).unwrap_or_default();
+    let req = b.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap();
+    common::send_on(tokio::net::TcpStream::connect(addr).await.unwrap(), false, req).await.unwrap()
+}
+
+async fn rest_ok(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let r = rest(addr, method, path, token, body).await;
+    assert!((200..300).contains(&r.status), "{method} {path}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+    if r.body.is_empty() { serde_json::Value::Null } else { r.json() }
+}
+
+/// `msg` with `authorization: Bearer token` metadata.
+fn bearer<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn bearer_tokens_of_the_secrets_api() {
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        kmsgate::config::Config { data_dir: dir.path().join("data"), ..kmsgate::config::Config::default() };
+    let audit_file = dir.path().join("audit.log");
+    config.audit = kmsgate::config::AuditConfig {
+        destination: kmsgate::config::AuditDestination::File,
+        path: Some(audit_file.clone()),
+    };
+    let (app, _) = kmsgate::app::App::open(config).await.unwrap();
+    let d = app.dispatcher.clone();
+    let st = kmsgate_secrets::SecretsState::new(d.clone(), app.config.secrets.clone(), app.tenant.clone());
+    let (admin, _) = kmsgate_secrets::bootstrap(&st, &app.tenant, 3600).await.unwrap().expect("fresh tenant");
+
+    // The secrets REST API on the main listener; the gRPC API twice: TLS only (tokens are the only
+    // credential) and mTLS (certificate and token together).
+    let pki = Pki::new("token CA");
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+    let main_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let main = main_listener.local_addr().unwrap();
+    tokio::spawn(kmsgate::http::serve(
+        main_listener,
+        None,
+        kmsgate::serve::router(&app),
+        stop(rx.clone()),
+        Duration::from_secs(1),
+    ));
+    let mut grpc_addrs = Vec::new();
+    for mtls in [false, true] {
+        let tls = kmsgate::grpc::tls_config(&pki.server_tls(dir.path(), mtls)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        grpc_addrs.push(listener.local_addr().unwrap());
+        let auth = kmsgate::grpc::auth_chain(&d, kmsgate::grpc::token_verifier(&app));
+        tokio::spawn(kmsgate::http::serve(
+            listener,
+            Some(tls),
+            kmsgate::grpc::router(d.clone(), &grpc_config(), auth).unwrap(),
+            stop(rx.clone()),
+            Duration::from_secs(1),
+        ));
+    }
+    let ch = channel(grpc_addrs[0], &pki.ca_pem, None).await.unwrap();
+    let mut kms = KeyManagementServiceClient::new(ch.clone());
+    let mut sec = SecretsServiceClient::new(ch);
+
+    // The bootstrap admin token (admin role, `admin` scope): key and secret RPCs alike.
+    let key = kms
+        .create_key(bearer(&admin, pb::CreateKeyRequest { spec: pb::KeySpec::Aes256 as i32, ..Default::default() }))
+        .await
+        .expect("admin token creates a key")
+        .into_inner()
+        .key
+        .unwrap()
+        .key_id;
+    let enc = |pt: &[u8]| pb::EncryptRequest { key_id: key.clone(), plaintext: pt.to_vec(), ..Default::default() };
+    kms.encrypt(bearer(&admin, enc(b"x"))).await.expect("admin token encrypts");
+    for (path, v) in [("app/db", "one"), ("team/b", "two")] {
+        let put = pb::PutSecretRequest { path: path.into(), data: v.as_bytes().to_vec(), ..Default::default() };
+        sec.put_secret(bearer(&admin, put)).await.expect("admin token writes");
+    }
+
+    // Alice: read and list scopes, and a policy granting read and list on app/** only.
+    rest_ok(main, "POST", "/v1/identities", &admin, Some(json!({"identity_type": "user", "identity_id": "alice"})))
+        .await;
+    let mint = |scopes: serde_json::Value, ttl: &str| {
+        json!({"name": format!("alice-{ttl}"), "identity_type": "user", "identity_id": "alice", "scopes": scopes,
+               "ttl": ttl})
+    };
+    let alice =
+        rest_ok(main, "POST", "/v1/auth/tokens", &admin, Some(mint(json!(["secrets:read", "secrets:list"]), "1h")))
+            .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let rules = json!([{"path_pattern": "app/**", "permissions": ["read", "list"]}]);
+    let pid =
+        rest_ok(main, "POST", "/v1/policies", &admin, Some(json!({"name": "app-read", "rules": rules}))).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let bind = json!({"identity_type": "user", "identity_id": "alice"});
+    rest_ok(main, "POST", &format!("/v1/policies/{pid}/bindings"), &admin, Some(bind)).await;
+
+    // Valid token, permitted: OK, acting as user:alice.
+    let got = sec
+        .get_secret(bearer(&alice, pb::GetSecretRequest { path: "app/db".into(), ..Default::default() }))
+        .await
+        .expect("policy grants read on app/**")
+        .into_inner();
+    assert_eq!(got.data, b"one");
+    let listed = sec.list_secrets(bearer(&alice, pb::ListSecretsRequest::default())).await.unwrap().into_inner();
+    let paths: Vec<_> = listed.secrets.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["app/db"], "the listing is filtered by the policy, as over REST");
+    kms.health(bearer(&alice, pb::HealthRequest {})).await.expect("any valid token may probe");
+
+    // Valid token without permission: PERMISSION_DENIED, and nothing changes.
+    let r = sec.get_secret(bearer(&alice, pb::GetSecretRequest { path: "team/b".into(), ..Default::default() })).await;
+    assert_eq!(reason(&expect_err(r, Code::PermissionDenied, "no policy on team/b")), "access_denied");
+    let put = pb::PutSecretRequest { path: "app/db".into(), data: b"overwritten".to_vec(), ..Default::default() };
+    let r = sec.put_secret(bearer(&alice, put)).await;
+    let s = expect_err(r, Code::PermissionDenied, "no write scope");
+    assert!(s.message().contains("secrets:write"), "{}", s.message());
+    let got =
+        sec.get_secret(bearer(&admin, pb::GetSecretRequest { path: "app/db".into(), ..Default::default() })).await;
+    assert_eq!(got.unwrap().into_inner().data, b"one", "a refused write changes nothing");
+    let r = kms.encrypt(bearer(&alice, enc(b"x"))).await;
+    let s = expect_err(r, Code::PermissionDenied, "key operations need the admin role");
+    assert!(s.message().contains("admin"), "{}", s.message());
+    let r = kms.list_keys(bearer(&alice, pb::ListKeysRequest::default())).await;
+    expect_err(r, Code::PermissionDenied, "key management too");
+
+    // The admin identity with a token lacking the admin scope: key RPCs refused.
+    let narrow =
+        rest_ok(main, "POST", "/v1/auth/tokens", &admin, Some(json!({"name": "narrow", "scopes": ["secrets:*"]})))
+            .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let r = kms.encrypt(bearer(&narrow, enc(b"x"))).await;
+    expect_err(r, Code::PermissionDenied, "admin role without the admin scope");
+    let got =
+        sec.get_secret(bearer(&narrow, pb::GetSecretRequest { path: "team/b".into(), ..Default::default() })).await;
+    assert_eq!(got.unwrap().into_inner().data, b"two", "admins pass the policies; the scope suffices");
+
+    // Garbage, malformed and non-bearer credentials: UNAUTHENTICATED, with no detail about the verifier.
+    for bad in ["svt_garbage", "svt_", "not-a-token", &format!("{alice}x")] {
+        let r = kms.health(bearer(bad, pb::HealthRequest {})).await;
+        assert_eq!(reason(&expect_err(r, Code::Unauthenticated, bad)), "authentication_failed");
+    }
+    let mut req = tonic::Request::new(pb::HealthRequest {});
+    req.metadata_mut().insert("authorization", "Basic YWxpY2U6cHc=".parse().unwrap());
+    expect_err(kms.health(req).await, Code::Unauthenticated, "not a bearer credential");
+    expect_err(kms.health(pb::HealthRequest {}).await, Code::Unauthenticated, "no credential at all");
+
+    // Expired: a one-second token works, then is refused.
+    let short =
+        rest_ok(main, "POST", "/v1/auth/tokens", &admin, Some(mint(json!(["secrets:read"]), "1s"))).await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let t0 = Instant::now();
+    loop {
+        match kms.health(bearer(&short, pb::HealthRequest {})).await {
+            Ok(_) => assert!(t0.elapsed() < Duration::from_secs(5), "the token never expired"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+                assert!(s.message().contains("expired"), "{}", s.message());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Revoked through REST: refused over gRPC at once.
+    let victim =
+        rest_ok(main, "POST", "/v1/auth/tokens", &admin, Some(mint(json!(["secrets:read"]), "2h"))).await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    kms.health(bearer(&victim, pb::HealthRequest {})).await.expect("valid before revocation");
+    let r = sec.list_secrets(bearer(&victim, pb::ListSecretsRequest::default())).await;
+    let s = expect_err(r, Code::PermissionDenied, "listing needs secrets:list");
+    assert!(s.message().contains("secrets:list"), "{}", s.message());
+    let del = pb::DeleteSecretRequest { path: "app/db".into(), ..Default::default() };
+    expect_err(sec.delete_secret(bearer(&alice, del)).await, Code::PermissionDenied, "delete needs secrets:delete");
+    let jti = rest_ok(main, "GET", "/v1/auth/whoami", &victim, None).await["token_id"].as_str().unwrap().to_owned();
+    let r = rest(main, "DELETE", &format!("/v1/auth/tokens/{jti}"), &admin, None).await;
+    assert_eq!(r.status, 204);
+    let revoked_at = Instant::now();
+    let r = kms.health(bearer(&victim, pb::HealthRequest {})).await;
+    let s = expect_err(r, Code::Unauthenticated, "revoked token");
+    assert!(s.message().contains("revoked"), "{}", s.message());
+    assert!(revoked_at.elapsed() < Duration::from_secs(1), "refused at once, not after a cache expiry");
+
+    // Certificate and token together: the token decides (the call's own credential is the more specific); a
+    // bad token is refused even on a connection whose certificate is registered.
+    let admin_caller = app.admin();
+    kmsgate_grpc::auth::add_client(&d, &admin_caller, "svc.internal", "svc", "").await.unwrap();
+    let cert = pki.leaf("svc", &["svc.internal"], true);
+    let mut both = KeyManagementServiceClient::new(channel(grpc_addrs[1], &pki.ca_pem, Some(&cert)).await.unwrap());
+    both.encrypt(enc(b"cert alone")).await.expect("the registered certificate alone may encrypt");
+    let r = both.encrypt(bearer(&alice, enc(b"x"))).await;
+    expect_err(r, Code::PermissionDenied, "alice's token narrows the call, the certificate does not widen it");
+    let r = both.encrypt(bearer(&victim, enc(b"x"))).await;
+    expect_err(r, Code::Unauthenticated, "a revoked token never falls back to the certificate");
+    both.encrypt(bearer(&admin, enc(b"x"))).await.expect("a permitted token on an mTLS connection");
+
+    // Audit: alice's calls name her and her token id (never the token); refusals by the token's scopes or
+    // policies are audited as AccessCheck, as over REST.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&audit_file).unwrap_or_default();
+        assert!(!text.contains(&alice) && !text.contains(&admin), "no token in the audit log");
+        let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let denied = |r: &&serde_json::Value| {
+            r["identity"] == "user:alice" && r["frontend"] == "grpc" && r["operation"] == "AccessCheck"
+        };
+        if records.iter().filter(denied).count() >= 4 {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "refusals not audited:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let team_b = records
+        .iter()
+        .find(|r| r["identity"] == "user:alice" && r["operation"] == "AccessCheck" && r["resource"] == "team/b")
+        .expect("the refused read of team/b is audited");
+    assert_eq!(team_b["outcome"]["error"]["kind"], "access_denied", "{team_b}");
+    assert!(team_b["metadata"]["token_id"].as_str().is_some_and(|t| t.starts_with("tok_")), "{team_b}");
+    assert!(
+        records.iter().any(|r| r["identity"] == "user:alice"
+            && r["frontend"] == "grpc"
+            && r["resource"] == "app/db"
+            && r["outcome"] == "ok"),
+        "alice's permitted read is audited as hers"
+    );
 }

@@ -26,6 +26,7 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     admin: SocketAddr,
+    grpc: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -62,15 +63,24 @@ fn start(cwd: &Path) -> Server {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut admin = None;
+    let mut grpc = None;
     let addr = loop {
         let Some(Ok(line)) = lines.next() else { panic!("kmsgate exited before listening") };
         admin = admin.or_else(|| addr_of(&line, "admin:"));
+        grpc = grpc.or_else(|| addr_of(&line, "gRPC:"));
         if let Some(a) = addr_of(&line, "listening:") {
             break a;
         }
     };
+    // The gRPC listener is announced after the banner, when configured.
+    if std::fs::read_to_string(cwd.join("kmsgate.toml")).is_ok_and(|t| t.contains("[grpc]")) {
+        while grpc.is_none() {
+            let Some(Ok(line)) = lines.next() else { panic!("kmsgate exited before the gRPC listener") };
+            grpc = addr_of(&line, "gRPC:");
+        }
+    }
     std::thread::spawn(move || for _ in lines {});
-    Server { child, addr, admin: admin.unwrap() }
+    Server { child, addr, admin: admin.unwrap(), grpc }
 }
 
 struct Cred {
@@ -280,7 +290,8 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
     std::fs::write(
         p.join("kmsgate.toml"),
         format!(
-            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[backend]\ndeadline_ms = 5000\n\n{}",
+            "[admin.tls]\ncert = \"{0}\"\nkey = \"{1}\"\n\n[grpc]\nenabled = true\nbind = \"127.0.0.1:0\"\n\n\
+             [grpc.tls]\ncert = \"{0}\"\nkey = \"{1}\"\n\n[backend]\ndeadline_ms = 5000\n\n{2}",
             p.join("admin.crt").display(),
             p.join("admin.key").display(),
             pkcs11_toml()
@@ -340,6 +351,25 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
     assert_eq!(r.status, 415);
     assert_eq!(common::http(server.addr, "GET", "/healthz", b"").await.status, 200);
 
+    // The secrets REST API: a probe, and a read without a token (the path must not become a label).
+    assert_eq!(common::http(server.addr, "GET", "/v1/health", b"").await.status, 200);
+    let r = common::http(server.addr, "GET", "/v1/secrets/app/probe-9f3e", b"").await;
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (401, Some("authentication_required")));
+    // The Alibaba OpenAPI: an unsigned Encrypt.
+    let r = common::http(server.addr, "GET", "/?Action=Encrypt&Version=2016-01-20&Format=JSON", b"").await;
+    assert!(r.status >= 400, "{}", String::from_utf8_lossy(&r.body));
+    let oapi_code = r.json()["Code"].as_str().unwrap().to_owned();
+    // The gRPC API on its own listener: a health check, and a call without a credential.
+    let grpc_addr = server.grpc.expect("the gRPC listener is announced");
+    let ch = grpc_channel(grpc_addr, &ca_pem).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    use kmsgate_grpc::proto::kmsgate_v1 as pb;
+    let r = pb::key_management_service_client::KeyManagementServiceClient::new(ch)
+        .random(pb::RandomRequest { length: 8 })
+        .await;
+    assert_eq!(r.unwrap_err().code(), tonic::Code::Unauthenticated);
+
     // Scrape over TLS until the store-backed gauges have been refreshed once.
     let tls = client_config(&ca_pem);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -381,6 +411,15 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
         "{text}"
     );
     assert_eq!(get("kmsgate_requests_total", &[("frontend", "none"), ("operation", "none"), ("code", "ok")]), 1.0);
+    // The newer frontends label their requests too, with operations from fixed lists.
+    let labelled = |frontend: &str, op: &str, code: &str| {
+        get("kmsgate_requests_total", &[("frontend", frontend), ("operation", op), ("code", code)])
+    };
+    assert_eq!(labelled("secrets", "Health", "ok"), 1.0);
+    assert_eq!(labelled("secrets", "GetSecret", "authentication_required"), 1.0);
+    assert_eq!(labelled("alibaba_openapi", "Encrypt", &oapi_code), 1.0, "{text}");
+    assert_eq!(labelled("grpc", "Check", "ok"), 1.0);
+    assert_eq!(labelled("grpc", "Random", "UNAUTHENTICATED"), 1.0);
 
     let ops = |op: &str, outcome: &str| {
         get("kmsgate_operations_total", &[("frontend", "xks"), ("operation", op), ("outcome", outcome)])
@@ -428,13 +467,32 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
 
     // No label value is a key id, alias, request id or path.
     for series in e.samples.keys() {
-        for needle in [soft.as_str(), hsm.as_str(), "alias/", "/open", "r-1", "kms/xks", "default"] {
+        for needle in
+            [soft.as_str(), hsm.as_str(), "alias/", "/open", "r-1", "kms/xks", "default", "probe-9f3e", "kmsgate.v1"]
+        {
             assert!(!series.contains(needle), "{series} carries {needle}");
         }
     }
 
     deploy_references_only_exposed_metrics(&e);
     promtool_check(&text);
+}
+
+/// A tonic channel to the gRPC listener over TLS (ALPN h2), trusting `ca_pem`, without a client certificate.
+async fn grpc_channel(addr: SocketAddr, ca_pem: &str) -> tonic::transport::Channel {
+    let mut cfg = (*client_config(ca_pem)).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let svc = tower::service_fn(move |_uri: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector(svc).await.unwrap()
 }
 
 /// Every `kmsgate_*` name in `text`.

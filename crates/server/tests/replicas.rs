@@ -1,7 +1,8 @@
 //! Several replicas on one PostgreSQL database (a schema of its own per run on the shared test server):
 //! two real `kmsgate serve` processes enforce changes made elsewhere (a key disabled or enabled, a credential
 //! revoked) within about a second and count each other in the XKS fleet size; two dispatchers with their own pools (as two replicas have) write one secret
-//! concurrently with `cas` without losing an update or duplicating a version number.
+//! concurrently with `cas` without losing an update or duplicating a version number; and the same over the
+//! secrets REST API of two `serve` processes, with a token revoked on one refused by the other.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -285,4 +286,135 @@ async fn concurrent_cas_writes_on_two_replicas_lose_nothing() {
     numbers.sort_unstable();
     let next = u32::try_from(total).unwrap() + 2;
     assert_eq!(numbers, vec![next, next + 1, next + 2, next + 3]);
+}
+
+// ---- the secrets REST API on two replicas ---------------------------------------------------------------
+
+/// A replica configuration with the secrets API's per-identity rate limits off: every writer here is the one
+/// bootstrap identity, and the test is about the store arbitrating, not about the limiter.
+fn write_secrets_config(dir: &Path, name: &str, store_url: &str) -> std::path::PathBuf {
+    let path = write_config(dir, name, store_url);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("[secrets]\nrate_limits = false\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One `/v1` request with a bearer token on a fresh connection.
+async fn rest(addr: std::net::SocketAddr, method: &str, path: &str, token: &str, body: Option<Value>) -> common::Reply {
+    let body = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    let mut req = common::request(method, &addr.to_string(), path, &body);
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    common::send_on(stream, false, req).await.unwrap()
+}
+
+/// One REST writer: `WRITES_PER_WRITER` acknowledged `PUT`s with `options.cas` = the version it just read,
+/// re-reading after each `409 version_conflict`. Returns (version, value) of every acknowledged write.
+async fn rest_cas_writer(addr: std::net::SocketAddr, token: String, name: String) -> (Vec<(u32, String)>, usize) {
+    let mut acked = Vec::new();
+    let mut conflicts = 0;
+    while acked.len() < WRITES_PER_WRITER {
+        let r = rest(addr, "GET", "/v1/secrets/replicas/rest", &token, None).await;
+        assert_eq!(r.status, 200, "{name}: {}", String::from_utf8_lossy(&r.body));
+        let current = r.json()["version"].as_u64().unwrap();
+        let value = format!("{name}-{}", acked.len());
+        let body = serde_json::json!({"data": {"v": value}, "options": {"cas": current}});
+        let r = rest(addr, "PUT", "/v1/secrets/replicas/rest", &token, Some(body)).await;
+        match r.status {
+            200 | 201 => {
+                let version = u32::try_from(r.json()["version"].as_u64().unwrap()).unwrap();
+                assert_eq!(u64::from(version), current + 1, "a cas write lands right after the version it expected");
+                acked.push((version, value));
+            }
+            409 => {
+                assert_eq!(r.json()["error"]["code"], "version_conflict", "{}", String::from_utf8_lossy(&r.body));
+                conflicts += 1;
+            }
+            s => panic!("{name}: unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    }
+    (acked, conflicts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_rest_api_on_two_replicas_cas_and_revocation() {
+    let schema = TestSchema::create(&shared_server_url().await).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let cli_cfg = write_secrets_config(p, "cli.toml", schema.url());
+    let boot = cli_json(p, &cli_cfg, &["secrets", "bootstrap"]);
+    let admin = boot["token"].as_str().unwrap().to_owned();
+
+    let a = process::start(p, &write_secrets_config(p, "a.toml", schema.url()), &p.join("a.log"));
+    let b = process::start(p, &write_secrets_config(p, "b.toml", schema.url()), &p.join("b.log"));
+
+    // Creating with cas 0 on both replicas at once: exactly one wins, the other gets 409 version_conflict.
+    let create = |addr, v: &'static str| {
+        let body = serde_json::json!({"data": {"v": v}, "options": {"cas": 0, "max_versions": 100}});
+        rest(addr, "PUT", "/v1/secrets/replicas/rest", &admin, Some(body))
+    };
+    let (ra, rb) = tokio::join!(create(a.addr, "first-a"), create(b.addr, "first-b"));
+    let winner = match (ra.status, rb.status) {
+        (201, 409) => "first-a",
+        (409, 201) => "first-b",
+        other => panic!(
+            "exactly one cas-0 create must win: {other:?} {} / {}",
+            String::from_utf8_lossy(&ra.body),
+            String::from_utf8_lossy(&rb.body)
+        ),
+    };
+
+    // Writers on both replicas race over HTTP.
+    let mut tasks = Vec::new();
+    for (replica, addr) in [("a", a.addr), ("b", b.addr)] {
+        for w in 0..WRITERS_PER_REPLICA {
+            tasks.push(tokio::spawn(rest_cas_writer(addr, admin.clone(), format!("{replica}{w}"))));
+        }
+    }
+    let mut acked: BTreeMap<u32, String> = BTreeMap::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (writes, c) = t.await.expect("writer task");
+        conflicts += c;
+        for (version, value) in writes {
+            assert!(acked.insert(version, value).is_none(), "version {version} acknowledged twice");
+        }
+    }
+    let total = 2 * WRITERS_PER_REPLICA * WRITES_PER_WRITER;
+    let expected: Vec<u32> = (2..=u32::try_from(total).unwrap() + 1).collect();
+    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), expected, "versions are dense: none lost, none doubled");
+    println!("{total} REST cas writes on two replicas, {conflicts} conflicts retried");
+
+    // Every acknowledged version reads back, with its value, on both replicas.
+    for addr in [a.addr, b.addr] {
+        let r = rest(addr, "GET", "/v1/secrets/replicas/rest?version=1", &admin, None).await;
+        assert_eq!(r.json()["data"]["v"], winner);
+        for (version, value) in &acked {
+            let r = rest(addr, "GET", &format!("/v1/secrets/replicas/rest?version={version}"), &admin, None).await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["data"]["v"], value.as_str(), "version {version} on {addr}");
+        }
+        let r = rest(addr, "GET", "/v1/secrets/replicas/rest", &admin, None).await;
+        assert_eq!(r.json()["version"], total + 1);
+    }
+
+    // A token revoked on replica a is refused by replica b (which has it cached as valid) within ~a second.
+    let body = serde_json::json!({"name": "short-lived", "scopes": ["secrets:read"]});
+    let r = rest(a.addr, "POST", "/v1/auth/tokens", &admin, Some(body)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let minted = r.json();
+    let (token, id) = (minted["token"].as_str().unwrap().to_owned(), minted["token_id"].as_str().unwrap().to_owned());
+    for addr in [a.addr, b.addr] {
+        assert_eq!(rest(addr, "GET", "/v1/auth/whoami", &token, None).await.status, 200);
+    }
+    let r = rest(a.addr, "DELETE", &format!("/v1/auth/tokens/{id}"), &admin, None).await;
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let took = time_until(PROPAGATION_LIMIT, || async {
+        let r = rest(b.addr, "GET", "/v1/auth/whoami", &token, None).await;
+        r.status == 401 && r.json()["error"]["code"] == "token_revoked"
+    })
+    .await;
+    let took = took.unwrap_or_else(|| panic!("replica b still accepts the revoked token: {}", b.log_text()));
+    println!("revocation on a enforced by b after {took:?}");
 }

@@ -48,6 +48,64 @@ impl OpenApiState {
     }
 }
 
+/// The actions the OpenAPI answers: the bounded `operation` values of the request metrics (anything else is
+/// `unknown`, never the caller's text).
+pub const ACTIONS: &[&str] = &[
+    "CreateKey",
+    "DescribeKey",
+    "ListKeys",
+    "EnableKey",
+    "DisableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "UpdateKeyDescription",
+    "CreateKeyVersion",
+    "ListKeyVersions",
+    "DescribeKeyVersion",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "ListAliasesByKeyId",
+    "Encrypt",
+    "Decrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncrypt",
+    "AsymmetricSign",
+    "AsymmetricVerify",
+    "AsymmetricEncrypt",
+    "AsymmetricDecrypt",
+    "GetPublicKey",
+    "GenerateMac",
+    "VerifyMac",
+    "CreateSecret",
+    "PutSecretValue",
+    "GetSecretValue",
+    "DescribeSecret",
+    "ListSecrets",
+    "DeleteSecret",
+    "RestoreSecret",
+    "ListSecretVersionIds",
+    "UpdateSecretVersionStage",
+    "GetRandomPassword",
+    "GetParametersForImport",
+    "ImportKeyMaterial",
+    "DeleteKeyMaterial",
+    "Generic",
+    "SecretName",
+    "Description",
+    "TagKey",
+];
+
+/// The metrics operation label of an action.
+pub fn action_label(action: &str) -> &'static str {
+    ACTIONS.iter().find(|a| **a == action).copied().unwrap_or("unknown")
+}
+
 /// One OpenAPI request, answered in the requested format.
 pub async fn handle(state: &OpenApiState, req: Request<Body>) -> Response {
     let started = Instant::now();
@@ -58,10 +116,16 @@ pub async fn handle(state: &OpenApiState, req: Request<Body>) -> Response {
     let mut action = String::new();
     let mut access_key = String::new();
     let result = process(state, req, &query, &request_id, &mut action, &mut access_key).await;
-    let response = match result {
+    let labels = kmsgate_core::metrics::WireLabels {
+        frontend: kmsgate_core::Frontend::AlibabaOpenApi,
+        operation: action_label(&action),
+        code: result.as_ref().err().map_or("ok", |e| e.code),
+    };
+    let mut response = match result {
         Ok(body) => render::success(format, &action, body, &request_id),
         Err(e) => render::error(format, &e, &request_id),
     };
+    response.extensions_mut().insert(labels);
     let status = response.status().as_u16();
     let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     let action = error::shown(&action);
@@ -158,4 +222,20 @@ async fn process(
     let region = params.opt("RegionId").unwrap_or("cn-hangzhou").to_owned();
     let ctx = actions::Ctx { state, caller: &caller, p: &params, region, alias_used: Default::default() };
     ctx.dispatch(&action).await
+}
+
+#[cfg(test)]
+mod label_tests {
+    #[test]
+    fn action_labels_are_bounded() {
+        assert_eq!(super::action_label("Encrypt"), "Encrypt");
+        assert_eq!(super::action_label("GetSecretValue"), "GetSecretValue");
+        for bad in ["", "encrypt", "Encrypt ", "x".repeat(300).as_str()] {
+            assert_eq!(super::action_label(bad), "unknown", "{bad:?}");
+        }
+        let mut sorted = super::ACTIONS.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), super::ACTIONS.len(), "no duplicates");
+    }
 }
