@@ -165,6 +165,7 @@ pub fn sample_key(tenant_id: &str, id: &str) -> Key {
         updated_at: created,
         deletion_at: None,
         revision: 0,
+        internal: false,
     }
 }
 
