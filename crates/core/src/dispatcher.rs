@@ -553,8 +553,24 @@ impl Dispatcher {
         }
     }
 
-    /// Resolves an id or alias to the key, through the cache. Unknown keys are not cached.
+    /// Resolves a caller's id or alias to the key, through the cache. The gateway's internal keys
+    /// ([`Key::is_internal`], aliases under [`AliasName::INTERNAL_PREFIX`]) are `KeyNotFound`, exactly as a key
+    /// that does not exist, so no frontend can use or probe them. Unknown keys are not cached.
     pub async fn resolve(&self, tenant: &TenantId, key: &KeyRef) -> Result<Arc<Key>> {
+        if let KeyRef::Alias(a) = key
+            && a.is_internal()
+        {
+            return Err(Error::key_not_found());
+        }
+        let k = self.resolve_any(tenant, key).await?;
+        if k.is_internal() {
+            return Err(Error::key_not_found());
+        }
+        Ok(k)
+    }
+
+    /// Resolves any key, internal ones included: for the dispatcher's own paths only, never a caller's input.
+    async fn resolve_any(&self, tenant: &TenantId, key: &KeyRef) -> Result<Arc<Key>> {
         let id = self.resolve_id(tenant, key).await.map_err(|e| {
             // An alias that points nowhere is, to the caller, a key that does not exist.
             if e.kind() == ErrorKind::AliasNotFound { Error::key_not_found() } else { e }
@@ -722,17 +738,28 @@ impl Dispatcher {
         self.internal_key(
             caller,
             Self::SEALING_ALIAS,
+            None,
             "kmsgate internal: seals stored credentials (SigV4 and HMAC secrets); never delete",
         )
         .await
     }
 
-    /// The tenant's internal AES key named `alias`, created in the default backend on first use. Creation is
-    /// audited as `CreateKey` but not authorized separately (see [`Dispatcher::run_internal`]).
-    async fn internal_key(&self, caller: &Caller, alias: &str, description: &str) -> Result<Arc<Key>> {
+    /// The tenant's internal AES key named `alias` (under [`AliasName::INTERNAL_PREFIX`]), created in `backend`
+    /// (default: the default backend) on first use, flagged [`Key::internal`]. Creation is audited as
+    /// `CreateKey` but not authorized separately (see [`Dispatcher::run_internal`]).
+    async fn internal_key(
+        &self,
+        caller: &Caller,
+        alias: &str,
+        backend: Option<&str>,
+        description: &str,
+    ) -> Result<Arc<Key>> {
         let alias = AliasName::parse(alias)?;
+        if !alias.is_internal() {
+            return Err(Error::internal("an internal key's alias must be in the reserved namespace"));
+        }
         let by_alias = KeyRef::Alias(alias.clone());
-        match self.resolve(&caller.tenant, &by_alias).await {
+        match self.resolve_any(&caller.tenant, &by_alias).await {
             Ok(k) => return Ok(k),
             Err(e) if e.kind() != ErrorKind::KeyNotFound => return Err(e),
             Err(_) => {}
@@ -740,13 +767,14 @@ impl Dispatcher {
         let mut req = CreateKeyRequest::new(KeySpec::Aes256);
         req.description = description.to_owned();
         req.aliases = vec![alias.clone()];
+        req.backend = backend.map(str::to_owned);
         let id = KeyId::generate();
         let created = self
             .run_internal(
                 caller,
                 Operation::CreateKey,
                 Some(id.to_string()),
-                self.create_key_work(caller, &req, &id, false),
+                self.create_key_work(caller, &req, &id, true),
             )
             .await;
         match created {
@@ -756,7 +784,14 @@ impl Dispatcher {
             Err(e) => return Err(e),
         }
         self.invalidate_alias(&caller.tenant, &alias).await;
-        self.resolve(&caller.tenant, &by_alias).await
+        self.resolve_any(&caller.tenant, &by_alias).await
+    }
+
+    /// An internal key checked for state and AES-GCM encryption, as [`Dispatcher::usable`] checks a caller's.
+    fn usable_internal(key: &Key) -> Result<()> {
+        Self::require_state(key)?;
+        Self::require_usage(key, KeyUsage::Encrypt)?;
+        Self::require_usage(key, KeyUsage::Decrypt)
     }
 
     /// Encrypts a credential secret under the tenant's internal sealing key (created on first use) for
@@ -771,7 +806,8 @@ impl Dispatcher {
             aad: purpose.as_bytes().to_vec(),
             iv: None,
         };
-        let r = self.encrypt_inner(caller, &req, None).await?;
+        Self::usable_internal(&key)?;
+        let r = self.encrypt_with(&key, &req, None).await?;
         let mut out = Vec::with_capacity(1 + 16 + r.iv.len() + r.ciphertext.len() + r.tag.len());
         out.push(1);
         out.extend_from_slice(r.version.as_bytes());
@@ -791,7 +827,7 @@ impl Dispatcher {
         let iv = sealed[17..17 + GCM_IV_LEN].to_vec();
         let body = &sealed[17 + GCM_IV_LEN..];
         let (ct, tag) = body.split_at(body.len() - GCM_TAG_LEN);
-        let key = self.resolve(&caller.tenant, &KeyRef::Alias(AliasName::parse(Self::SEALING_ALIAS)?)).await?;
+        let key = self.resolve_any(&caller.tenant, &KeyRef::Alias(AliasName::parse(Self::SEALING_ALIAS)?)).await?;
         Self::require_state(&key)?;
         let v = Self::version_of(&key, Some(version))?;
         let backend = self.inner.backends.get(&v.handle.backend)?;
@@ -859,13 +895,43 @@ impl Dispatcher {
 
     pub async fn create_key(&self, caller: &Caller, req: CreateKeyRequest) -> Result<Key> {
         let id = req.id.clone().unwrap_or_else(KeyId::generate);
-        self.run(caller, Operation::CreateKey, Some(id.to_string()), self.create_key_work(caller, &req, &id, true))
-            .await
+        self.run(caller, Operation::CreateKey, Some(id.to_string()), async {
+            Self::refuse_internal_aliases(&req.aliases)?;
+            Self::refuse_internal_description(&req.description)?;
+            self.create_key_work(caller, &req, &id, false).await
+        })
+        .await
     }
 
-    /// The work of `create_key`, without the audit wrapper. `quota`: whether the tenant's key quota applies
-    /// (not to internal keys: a tenant at its key quota must still be able to store secrets).
-    async fn create_key_work(&self, caller: &Caller, req: &CreateKeyRequest, id: &KeyId, quota: bool) -> Result<Key> {
+    /// Callers cannot name aliases in the reserved namespace of the gateway's own keys.
+    fn refuse_internal_aliases(aliases: &[AliasName]) -> Result<()> {
+        if aliases.iter().any(AliasName::is_internal) {
+            return Err(Error::invalid(format!("aliases under {} are reserved", AliasName::INTERNAL_PREFIX)));
+        }
+        Ok(())
+    }
+
+    /// Callers cannot give a key the description that marks the gateway's own keys (see [`Key::is_internal`]).
+    fn refuse_internal_description(description: &str) -> Result<()> {
+        if description.starts_with(Key::INTERNAL_DESCRIPTION_PREFIX) {
+            return Err(Error::invalid(format!(
+                "descriptions starting with \"{}\" are reserved",
+                Key::INTERNAL_DESCRIPTION_PREFIX
+            )));
+        }
+        Ok(())
+    }
+
+    /// The work of `create_key`, without the audit wrapper. `internal`: a key for the gateway itself
+    /// ([`Key::internal`]), outside the tenant's key quota (a tenant at its quota must still store secrets).
+    async fn create_key_work(
+        &self,
+        caller: &Caller,
+        req: &CreateKeyRequest,
+        id: &KeyId,
+        internal: bool,
+    ) -> Result<Key> {
+        let quota = !internal;
         let usage = req.usage.unwrap_or_else(|| req.spec.default_usages());
         if !usage.is_subset_of(req.spec.allowed_usages()) {
             return Err(Error::invalid(format!(
@@ -912,6 +978,7 @@ impl Dispatcher {
             updated_at: now,
             deletion_at: None,
             revision: 0,
+            internal,
         };
         let stored = self.store_call(self.inner.store.create_key(&key, &req.aliases)).await;
         match stored {
@@ -937,6 +1004,8 @@ impl Dispatcher {
     ) -> Result<Key> {
         let id = req.id.clone().unwrap_or_else(KeyId::generate);
         self.run(caller, Operation::CreateKey, Some(id.to_string()), async {
+            Self::refuse_internal_aliases(&req.aliases)?;
+            Self::refuse_internal_description(&req.description)?;
             let usage = req.usage.unwrap_or_else(|| req.spec.default_usages());
             if !usage.is_subset_of(req.spec.allowed_usages()) {
                 return Err(Error::invalid("a key of that spec cannot have that usage"));
@@ -963,6 +1032,7 @@ impl Dispatcher {
                 updated_at: now,
                 deletion_at: None,
                 revision: 0,
+                internal: false,
             };
             self.store_call(self.inner.store.create_key(&key, &req.aliases)).await
         })
@@ -973,9 +1043,15 @@ impl Dispatcher {
         self.run(caller, Operation::DescribeKey, Some(key.to_string()), self.resolve(&caller.tenant, key)).await
     }
 
+    /// The tenant's keys, without the gateway's internal ones (a page may hold fewer than its limit; the
+    /// cursor still moves past them).
     pub async fn list_keys(&self, caller: &Caller, page: &PageRequest) -> Result<Page<Key>> {
-        self.run(caller, Operation::ListKeys, None, self.store_call(self.inner.store.list_keys(&caller.tenant, page)))
-            .await
+        self.run(caller, Operation::ListKeys, None, async {
+            let mut p = self.store_call(self.inner.store.list_keys(&caller.tenant, page)).await?;
+            p.items.retain(|k| !k.is_internal());
+            Ok(p)
+        })
+        .await
     }
 
     /// Reads the key fresh from the store, applies `change` and writes it back with optimistic concurrency,
@@ -986,6 +1062,11 @@ impl Dispatcher {
         key: &KeyRef,
         mut change: impl FnMut(&mut Key) -> Result<bool>,
     ) -> Result<Key> {
+        if let KeyRef::Alias(a) = key
+            && a.is_internal()
+        {
+            return Err(Error::key_not_found());
+        }
         let id = self
             .resolve_id(tenant, key)
             .await
@@ -994,6 +1075,10 @@ impl Dispatcher {
             let Some(mut current) = self.store_call(self.inner.store.get_key(tenant, &id)).await? else {
                 return Err(Error::key_not_found());
             };
+            // Callers change only their own keys: the gateway's are, to them, not there.
+            if current.is_internal() {
+                return Err(Error::key_not_found());
+            }
             if !change(&mut current)? {
                 return Ok(current);
             }
@@ -1078,6 +1163,7 @@ impl Dispatcher {
 
     pub async fn update_key_description(&self, caller: &Caller, key: &KeyRef, description: String) -> Result<Key> {
         self.run(caller, Operation::UpdateKeyDescription, Some(key.to_string()), async {
+            Self::refuse_internal_description(&description)?;
             self.mutate_key(&caller.tenant, key, |k| {
                 if k.description == description {
                     return Ok(false);
@@ -1275,6 +1361,7 @@ impl Dispatcher {
 
     pub async fn create_alias(&self, caller: &Caller, alias: &AliasName, key: &KeyRef) -> Result<AliasEntry> {
         self.run(caller, Operation::CreateAlias, Some(alias.to_string()), async {
+            Self::refuse_internal_aliases(std::slice::from_ref(alias))?;
             let target = self.resolve(&caller.tenant, key).await?;
             let entry = self.store_call(self.inner.store.create_alias(&caller.tenant, alias, &target.id)).await?;
             self.invalidate_alias(&caller.tenant, alias).await;
@@ -1285,6 +1372,10 @@ impl Dispatcher {
 
     pub async fn update_alias(&self, caller: &Caller, alias: &AliasName, key: &KeyRef) -> Result<AliasEntry> {
         self.run(caller, Operation::UpdateAlias, Some(alias.to_string()), async {
+            // The gateway's aliases are not there for callers: as for any alias that does not exist.
+            if alias.is_internal() {
+                return Err(Error::new(ErrorKind::AliasNotFound, "the alias does not exist"));
+            }
             let target = self.resolve(&caller.tenant, key).await?;
             let entry = self.store_call(self.inner.store.update_alias(&caller.tenant, alias, &target.id)).await?;
             self.invalidate_alias(&caller.tenant, alias).await;
@@ -1295,6 +1386,9 @@ impl Dispatcher {
 
     pub async fn delete_alias(&self, caller: &Caller, alias: &AliasName) -> Result<()> {
         self.run(caller, Operation::DeleteAlias, Some(alias.to_string()), async {
+            if alias.is_internal() {
+                return Err(Error::new(ErrorKind::AliasNotFound, "the alias does not exist"));
+            }
             let existed = self.store_call(self.inner.store.delete_alias(&caller.tenant, alias)).await?;
             self.invalidate_alias(&caller.tenant, alias).await;
             if existed { Ok(()) } else { Err(Error::new(ErrorKind::AliasNotFound, "the alias does not exist")) }
@@ -1313,7 +1407,9 @@ impl Dispatcher {
                 Some(k) => Some(self.resolve(&caller.tenant, k).await?.id.clone()),
                 None => None,
             };
-            self.store_call(self.inner.store.list_aliases(&caller.tenant, key_id.as_ref(), page)).await
+            let mut p = self.store_call(self.inner.store.list_aliases(&caller.tenant, key_id.as_ref(), page)).await?;
+            p.items.retain(|a| !a.alias.is_internal());
+            Ok(p)
         })
         .await
     }
@@ -1338,6 +1434,12 @@ impl Dispatcher {
         version: Option<Uuid>,
     ) -> Result<EncryptReply> {
         let key = self.usable(caller, &req.key, KeyUsage::Encrypt).await?;
+        self.encrypt_with(&key, req, version).await
+    }
+
+    /// Encrypts under `key`, already resolved and checked (`req.key` is not looked at); `version` as for
+    /// [`Self::encrypt_inner`].
+    async fn encrypt_with(&self, key: &Key, req: &EncryptRequest, version: Option<Uuid>) -> Result<EncryptReply> {
         let alg = match req.algorithm {
             Some(a) => a,
             None => EncryptionAlgorithm::default_for(key.spec)
@@ -1351,7 +1453,7 @@ impl Dispatcher {
             Some(v) => key.version(v).ok_or_else(|| Error::invalid("the key has no such version"))?,
         };
         let backend = self.inner.backends.get(&version.handle.backend)?;
-        let material = Self::material(&key, version);
+        let material = Self::material(key, version);
         match alg {
             EncryptionAlgorithm::AesGcm => {
                 self.check_sizes(req.plaintext.len(), req.aad.len())?;
@@ -1641,6 +1743,46 @@ impl Dispatcher {
             Ok(ok)
         })
         .await
+    }
+
+    /// A deep check of `backend`: a real AES-GCM encrypt and decrypt of a random probe on the tenant's
+    /// internal key `alias` (which must be under [`AliasName::INTERNAL_PREFIX`]) in that backend, created on
+    /// first use. Never a customer key; the key stays invisible to every caller (see [`Key::internal`]).
+    pub async fn probe_backend(&self, caller: &Caller, backend: &str, alias: &AliasName) -> Result<()> {
+        if !alias.is_internal() {
+            return Err(Error::invalid(format!("a probe key's alias must be under {}", AliasName::INTERNAL_PREFIX)));
+        }
+        let key = self
+            .internal_key(
+                caller,
+                alias.as_str(),
+                Some(backend),
+                "kmsgate internal: deep health check key of one backend; never use",
+            )
+            .await?;
+        Self::usable_internal(&key)?;
+        let probe = random_bytes(16)?;
+        let aad = b"kmsgate backend probe".to_vec();
+        let req = EncryptRequest {
+            key: KeyRef::Id(key.id.clone()),
+            algorithm: Some(EncryptionAlgorithm::AesGcm),
+            plaintext: Zeroizing::new(probe.clone()),
+            aad: aad.clone(),
+            iv: None,
+        };
+        let enc = self.encrypt_with(&key, &req, None).await?;
+        let v = Self::version_of(&key, Some(enc.version))?;
+        let backend = self.inner.backends.get(&v.handle.backend)?;
+        let mut ct_tag = enc.ciphertext;
+        ct_tag.extend_from_slice(&enc.tag);
+        let back = self
+            .backend_call(backend.name(), backend.aes_gcm_decrypt(Self::material(&key, v), &enc.iv, &aad, &ct_tag))
+            .await?;
+        if back.as_slice() == probe.as_slice() {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::DependencyFailure, "the backend decrypted the probe to other bytes"))
+        }
     }
 
     /// Probes the store and every backend for real, as an audited operation.

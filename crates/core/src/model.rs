@@ -127,6 +127,15 @@ string_newtype!(
 
 impl AliasName {
     pub const PREFIX: &'static str = "alias/";
+    /// The namespace of the gateway's own keys' aliases (see [`Key::internal`]). Parsing accepts it, so the
+    /// gateway can name them, but the dispatcher refuses every caller who creates, moves, deletes or resolves
+    /// an alias in it.
+    pub const INTERNAL_PREFIX: &'static str = "alias/kmsgate-internal/";
+
+    /// Whether the alias is in the gateway's reserved [`AliasName::INTERNAL_PREFIX`] namespace.
+    pub fn is_internal(&self) -> bool {
+        self.0.starts_with(Self::INTERNAL_PREFIX)
+    }
 
     pub fn parse(s: &str) -> Result<Self> {
         let Some(rest) = s.strip_prefix(Self::PREFIX) else {
@@ -439,9 +448,23 @@ pub struct Key {
     /// Optimistic-concurrency counter maintained by the store.
     #[serde(default)]
     pub revision: i64,
+    /// A key the gateway made for itself (credential sealing, secret data keys, XKS health probes). Only the
+    /// dispatcher's own paths use it; to every caller it does not exist. Set at creation, never by a caller.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 impl Key {
+    /// Description prefix of the gateway's internal keys; older versions marked them by it alone, so callers
+    /// may not give a key a description starting with it.
+    pub const INTERNAL_DESCRIPTION_PREFIX: &'static str = "kmsgate internal:";
+
+    /// Whether the key is the gateway's own: flagged, or made by an older version (which marked its internal
+    /// keys only by their description, which callers can no longer set or change on any key).
+    pub fn is_internal(&self) -> bool {
+        self.internal || self.description.starts_with(Self::INTERNAL_DESCRIPTION_PREFIX)
+    }
+
     pub fn primary(&self) -> Result<&KeyVersion> {
         self.version(self.primary_version).ok_or_else(|| Error::internal("the key's primary version is missing"))
     }

@@ -346,6 +346,31 @@ async fn every_documented_error_over_a_socket() {
     )
     .await;
     expect_error(&r, 404, "Forbidden.KeyNotFound", Some("The specified Key version is not found."));
+    // The gateway's internal sealing key does not exist for a ClientKey, by id or alias: Decrypt of a sealed
+    // credential, whose raw Aad (the purpose) is in the store for anyone who reads the database, is refused
+    // exactly like Encrypt under it.
+    let purpose = "xks.credential/AKIDEXAMPLE";
+    let sealed = d.seal(&admin, purpose, b"the credential's secret").await.unwrap();
+    let sealing = common::internal_key(d, &admin.tenant, kmsgate_core::Dispatcher::SEALING_ALIAS).await.id.to_string();
+    for k in [sealing.as_str(), kmsgate_core::Dispatcher::SEALING_ALIAS] {
+        let dec = proto::DecryptRequest {
+            key_id: k.to_owned(),
+            algorithm: "AES_GCM".to_owned(),
+            iv: sealed[17..29].to_vec(),
+            aad: purpose.as_bytes().to_vec(),
+            ciphertext_blob: sealed[29..].to_vec(),
+            ..Default::default()
+        };
+        let r = call("Decrypt", dec.encode_to_vec()).await;
+        let message = if k.starts_with("alias/") {
+            "The specified Alias is not found."
+        } else {
+            "The specified Key is not found."
+        };
+        expect_error(&r, 404, "Forbidden.KeyNotFound", Some(message));
+        expect_error(&call("Encrypt", enc(k).encode_to_vec()).await, 404, "Forbidden.KeyNotFound", Some(message));
+    }
+    assert_eq!(d.unseal(&admin, purpose, &sealed).await.unwrap().as_slice(), b"the credential's secret");
     let secret = proto::GetSecretValueRequest { secret_name: "no/such".to_owned(), ..Default::default() };
     expect_error(&call("GetSecretValue", secret.encode_to_vec()).await, 404, "Forbidden.ResourceNotFound", None);
 

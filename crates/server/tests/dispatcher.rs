@@ -489,8 +489,10 @@ async fn seal_and_unseal_credentials() {
     assert_eq!(kind(d.unseal(c, "xks.credential/AKID1", &sealed[..10]).await), ErrorKind::InvalidCiphertext);
     // One sealing key per tenant, reused; another tenant cannot open this tenant's sealed values.
     d.seal(c, "p", b"x").await.unwrap();
-    let keys = d.list_keys(c, &PageRequest::first(10)).await.unwrap();
+    let keys = env.store.list_keys(&c.tenant, &PageRequest::first(10)).await.unwrap();
     assert_eq!(keys.items.len(), 1);
+    assert!(keys.items[0].internal);
+    assert!(d.list_keys(c, &PageRequest::first(10)).await.unwrap().items.is_empty(), "not listed to callers");
     let other = Caller::admin(TenantId::parse("other").unwrap());
     d.ensure_tenant(&other.tenant).await.unwrap();
     d.seal(&other, "p", b"x").await.unwrap();
@@ -533,4 +535,120 @@ async fn documents_and_heartbeats() {
     d.heartbeat("replica-a", &serde_json::json!({})).await.unwrap();
     other.heartbeat("replica-b", &serde_json::json!({})).await.unwrap();
     assert_eq!(d.live_replicas(Duration::from_secs(30)).await.unwrap().len(), 2);
+}
+
+/// The gateway's internal keys (credential sealing, secret data keys, backend probes) do not exist for any
+/// caller, the admin included: every operation on them, by id or by alias, is `KeyNotFound`; listings leave
+/// them out; nobody can make, move or delete an alias in their namespace or forge their marks. The
+/// dispatcher's own paths keep using them.
+#[tokio::test]
+async fn internal_keys_are_out_of_every_callers_reach() {
+    let env = Env::software().await;
+    let (d, c) = (&env.dispatcher, &env.caller);
+    let mine = key(&env, KeySpec::Aes256, None).await;
+    let sealed = d.seal(c, "test/purpose", b"credential").await.unwrap();
+    d.probe_backend(c, "software", &AliasName::parse("alias/kmsgate-internal/probe-software").unwrap()).await.unwrap();
+    let sealing = common::internal_key(d, &c.tenant, kmsgate_core::Dispatcher::SEALING_ALIAS).await;
+    let probe = common::internal_key(d, &c.tenant, "alias/kmsgate-internal/probe-software").await;
+    assert!(sealing.internal && probe.internal);
+
+    for internal in [&sealing, &probe] {
+        let by_id = KeyRef::Id(internal.id.clone());
+        let alias = d.store().list_aliases(&c.tenant, Some(&internal.id), &PageRequest::first(10)).await.unwrap();
+        let by_alias = KeyRef::Alias(alias.items[0].alias.clone());
+        for k in [&by_id, &by_alias] {
+            let nf = |e: ErrorKind| assert_eq!(e, ErrorKind::KeyNotFound, "{k}");
+            nf(kind(d.encrypt(c, enc(k, b"x", b"")).await));
+            let body = &sealed[17..];
+            let (iv, ct_tag) = body.split_at(12);
+            let (ct, tag) = ct_tag.split_at(ct_tag.len() - 16);
+            let raw = DecryptRequest {
+                key: k.clone(),
+                version: None,
+                algorithm: Some(EncryptionAlgorithm::AesGcm),
+                iv: iv.to_vec(),
+                aad: b"test/purpose".to_vec(),
+                ciphertext: ct.to_vec(),
+                tag: tag.to_vec(),
+            };
+            nf(kind(d.decrypt(c, raw).await));
+            nf(kind(d.generate_data_key(c, k, 32, Vec::new()).await));
+            let sign = SignRequest {
+                key: k.clone(),
+                algorithm: SigningAlgorithm::EcdsaSha256,
+                input: SignInput::Message(b"m".to_vec()),
+                version: None,
+            };
+            nf(kind(d.sign(c, sign.clone()).await));
+            nf(kind(d.verify(c, sign, b"sig").await));
+            nf(kind(d.hmac(c, k, b"m").await));
+            nf(kind(d.verify_hmac(c, k, b"m", &[0; 32]).await));
+            nf(kind(d.get_public_key(c, k, None).await));
+            nf(kind(d.describe_key(c, k).await));
+            nf(kind(d.enable_key(c, k).await));
+            nf(kind(d.disable_key(c, k).await));
+            nf(kind(d.schedule_key_deletion(c, k, 7).await));
+            nf(kind(d.cancel_key_deletion(c, k, KeyState::Enabled).await));
+            nf(kind(d.update_key_description(c, k, "mine now".into()).await));
+            nf(kind(d.update_key_tags(c, k, &Default::default(), &["x".into()]).await));
+            nf(kind(d.rotate_key(c, k).await));
+            nf(kind(d.delete_key_material(c, k).await));
+            nf(kind(d.import_key_material(c, k, &[0; 32]).await));
+            nf(kind(d.list_aliases(c, Some(k), &PageRequest::first(10)).await));
+            nf(kind(d.create_alias(c, &AliasName::parse("alias/steal").unwrap(), k).await));
+        }
+        // Unchanged by all of that.
+        let after = common::internal_key(d, &c.tenant, alias_of(d, &c.tenant, &internal.id).await.as_str()).await;
+        assert_eq!(
+            (after.state, after.versions.len(), &after.description),
+            (KeyState::Enabled, 1, &internal.description)
+        );
+    }
+
+    // Listings show the caller's keys and aliases only.
+    let keys = d.list_keys(c, &PageRequest::first(100)).await.unwrap();
+    assert_eq!(keys.items.iter().map(|k| KeyRef::Id(k.id.clone())).collect::<Vec<_>>(), vec![mine.clone()]);
+    let aliases = d.list_aliases(c, None, &PageRequest::first(100)).await.unwrap();
+    assert!(aliases.items.iter().all(|a| !a.alias.is_internal()), "{:?}", aliases.items);
+
+    // The reserved alias namespace and description are the gateway's.
+    let sealing_alias = AliasName::parse(kmsgate_core::Dispatcher::SEALING_ALIAS).unwrap();
+    let squat = AliasName::parse("alias/kmsgate-internal/mine").unwrap();
+    assert_eq!(kind(d.create_alias(c, &squat, &mine).await), ErrorKind::InvalidRequest);
+    assert_eq!(kind(d.update_alias(c, &sealing_alias, &mine).await), ErrorKind::AliasNotFound);
+    assert_eq!(kind(d.delete_alias(c, &sealing_alias).await), ErrorKind::AliasNotFound);
+    let mut req = CreateKeyRequest::new(KeySpec::Aes256);
+    req.aliases = vec![AliasName::parse("alias/kmsgate-internal/secrets").unwrap()];
+    assert_eq!(kind(d.create_key(c, req).await), ErrorKind::InvalidRequest);
+    let mut req = CreateKeyRequest::new(KeySpec::Aes256);
+    req.description = "kmsgate internal: hide me".into();
+    assert_eq!(kind(d.create_key(c, req).await), ErrorKind::InvalidRequest);
+    assert_eq!(kind(d.update_key_description(c, &mine, "kmsgate internal: x".into()).await), ErrorKind::InvalidRequest);
+    assert_eq!(common::internal_key(d, &c.tenant, sealing_alias.as_str()).await.id, sealing.id, "alias unmoved");
+
+    // The dispatcher's own paths still work.
+    assert_eq!(d.unseal(c, "test/purpose", &sealed).await.unwrap().as_slice(), b"credential");
+    d.probe_backend(c, "software", &AliasName::parse("alias/kmsgate-internal/probe-software").unwrap()).await.unwrap();
+    let not_reserved = AliasName::parse("alias/probe").unwrap();
+    assert_eq!(kind(d.probe_backend(c, "software", &not_reserved).await), ErrorKind::InvalidRequest);
+}
+
+/// A key an older version created for itself is recognised by its description alone.
+#[tokio::test]
+async fn legacy_internal_keys_are_recognised_by_their_description() {
+    let env = Env::software().await;
+    let (d, c) = (&env.dispatcher, &env.caller);
+    let k = key(&env, KeySpec::Aes256, None).await;
+    let KeyRef::Id(id) = &k else { unreachable!() };
+    let mut stored = env.store.get_key(&c.tenant, id).await.unwrap().unwrap();
+    stored.description = "kmsgate internal: seals stored credentials (SigV4 and HMAC secrets); never delete".into();
+    env.store.update_key(&stored).await.unwrap().unwrap();
+    d.apply_changes().await.unwrap();
+    assert_eq!(kind(d.encrypt(c, enc(&k, b"x", b"")).await), ErrorKind::KeyNotFound);
+    assert_eq!(kind(d.describe_key(c, &k).await), ErrorKind::KeyNotFound);
+    assert!(d.list_keys(c, &PageRequest::first(10)).await.unwrap().items.is_empty());
+}
+
+async fn alias_of(d: &kmsgate_core::Dispatcher, tenant: &TenantId, id: &kmsgate_core::KeyId) -> AliasName {
+    d.store().list_aliases(tenant, Some(id), &PageRequest::first(1)).await.unwrap().items.remove(0).alias
 }

@@ -851,6 +851,18 @@ async fn every_status_code() {
     // NOT_FOUND: key, alias, secret, secret version.
     let r = kms.encrypt(enc("no-such-key", b"x")).await;
     assert_eq!(reason(&expect_err(r, Code::NotFound, "unknown key")), "key_not_found");
+    // The gateway's internal keys do not exist for callers: by id, by alias, and no alias can be made for them.
+    let admin = kmsgate_core::Caller::admin(TenantId::default_tenant());
+    d.seal(&admin, "grpc-test/purpose", b"x").await.unwrap();
+    let sealing = common::internal_key(&d, &TenantId::default_tenant(), Dispatcher::SEALING_ALIAS).await;
+    for k in [sealing.id.as_str(), Dispatcher::SEALING_ALIAS] {
+        let r = kms.encrypt(enc(k, b"x")).await;
+        assert_eq!(reason(&expect_err(r, Code::NotFound, "internal key")), "key_not_found");
+    }
+    let r = kms
+        .create_alias(pb::CreateAliasRequest { alias: "alias/kmsgate-internal/mine".into(), key_id: key.clone() })
+        .await;
+    assert_eq!(reason(&expect_err(r, Code::InvalidArgument, "reserved alias")), "invalid_request");
     let r = kms.delete_alias(pb::DeleteAliasRequest { alias: "alias/nope".into() }).await;
     assert_eq!(reason(&expect_err(r, Code::NotFound, "unknown alias")), "alias_not_found");
     let r = sec.get_secret(pb::GetSecretRequest { path: "none".into(), selector: None }).await;

@@ -531,8 +531,8 @@ async fn tenants_are_isolated() {
     assert_eq!(listed.items.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(), ["shared/name"]);
 
     // Each tenant's data keys are wrapped by its own internal key; moving sealed data across fails.
-    let k_default = d.describe_key(&env.caller, &secrets_alias()).await.unwrap();
-    let k_acme = d.describe_key(&acme, &secrets_alias()).await.unwrap();
+    let k_default = common::internal_key(d, &env.caller.tenant, Dispatcher::SECRETS_ALIAS).await;
+    let k_acme = common::internal_key(d, &acme.tenant, Dispatcher::SECRETS_ALIAS).await;
     assert_ne!(k_default.id, k_acme.id);
     let mine = env.store.get_secret_version(&acme.tenant, &path("shared/name"), 1).await.unwrap().unwrap();
     assert_eq!(mine.key_id, k_acme.id);
@@ -654,7 +654,7 @@ async fn audit_events_name_the_path_and_never_the_value() {
     // The internal key's creation on first use is audited too.
     let created: Vec<_> = events.iter().filter(|e| e.operation == Operation::CreateKey).collect();
     assert_eq!(created.len(), 1);
-    let key = d.describe_key(&env.caller, &secrets_alias()).await.unwrap();
+    let key = common::internal_key(d, &env.caller.tenant, Dispatcher::SECRETS_ALIAS).await;
     assert_eq!(created[0].resource.as_deref(), Some(key.id.as_str()));
 }
 
@@ -688,19 +688,23 @@ async fn the_internal_key_needs_no_key_creation_right() {
 async fn a_disabled_internal_key_fails_values_but_not_metadata() {
     let env = Env::software().await;
     let d = &env.dispatcher;
+    let t = &env.caller.tenant;
     put(&env, "locked", b"v1").await;
-    d.disable_key(&env.caller, &secrets_alias()).await.unwrap();
+    // No caller can change the internal key: the store stands for a database repair.
+    assert_eq!(kind(d.disable_key(&env.caller, &secrets_alias()).await), ErrorKind::KeyNotFound);
+    common::set_internal_key_state(d, t, Dispatcher::SECRETS_ALIAS, KeyState::Disabled).await;
     let err = get(&env, "locked", SecretSelector::Current).await.expect_err("disabled key");
     assert_eq!(err.kind(), ErrorKind::InvalidKeyState(KeyState::Disabled));
     assert_eq!(kind(d.rollback_secret(&env.caller, &path("locked"), 1, None).await), err.kind());
     let write = d.put_secret(&env.caller, PutSecretRequest::new(path("locked"), b"v2".to_vec())).await;
     assert_eq!(kind(write), ErrorKind::InvalidKeyState(KeyState::Disabled));
     assert_eq!(d.describe_secret(&env.caller, &path("locked"), false).await.unwrap().latest_version, 1);
-    d.enable_key(&env.caller, &secrets_alias()).await.unwrap();
+    common::set_internal_key_state(d, t, Dispatcher::SECRETS_ALIAS, KeyState::Enabled).await;
     assert_eq!(value(&env, "locked", SecretSelector::Current).await, b"v1");
 
     // A key pending deletion refuses too.
-    d.schedule_key_deletion(&env.caller, &secrets_alias(), 7).await.unwrap();
+    assert_eq!(kind(d.schedule_key_deletion(&env.caller, &secrets_alias(), 7).await), ErrorKind::KeyNotFound);
+    common::set_internal_key_state(d, t, Dispatcher::SECRETS_ALIAS, KeyState::PendingDeletion).await;
     assert_eq!(
         kind(get(&env, "locked", SecretSelector::Current).await),
         ErrorKind::InvalidKeyState(KeyState::PendingDeletion)

@@ -729,11 +729,15 @@ async fn dependency_failures_maintenance_and_internal_errors() {
     expect(&call(addr, "GET", "/v1/health", None, &[], None).await, 503, "maintenance_mode");
 
     // The KMS refuses (the tenant's secrets key disabled): 500 encryption_error, nothing leaked.
+    // No caller reaches the internal key, the admin included: the test disables it in the store.
     let admin = Caller::admin(TenantId::default_tenant());
     let key = kmsgate_core::AliasName::parse("alias/kmsgate-internal/secrets").unwrap();
-    s.app.dispatcher.disable_key(&admin, &KeyRef::Alias(key.clone())).await.unwrap();
+    let refused = s.app.dispatcher.disable_key(&admin, &KeyRef::Alias(key.clone())).await.unwrap_err();
+    assert_eq!(refused.kind(), kmsgate_core::ErrorKind::KeyNotFound);
+    let d = &s.app.dispatcher;
+    common::set_internal_key_state(d, &admin.tenant, key.as_str(), kmsgate_core::KeyState::Disabled).await;
     expect(&s.req("GET", "/v1/secrets/app/db", &a, None).await, 500, "encryption_error");
-    s.app.dispatcher.enable_key(&admin, &KeyRef::Alias(key)).await.unwrap();
+    common::set_internal_key_state(d, &admin.tenant, key.as_str(), kmsgate_core::KeyState::Enabled).await;
     assert_eq!(s.ok("GET", "/v1/secrets/app/db", &a, None).await["data"]["p"], "x");
 
     // A record the API cannot read is an internal error, never an authentication verdict.
@@ -907,8 +911,8 @@ async fn secrets_are_protected_by_the_hsm() {
     let a = s.admin.clone();
     s.ok("PUT", "/v1/secrets/hsm/db", &a, Some(json!({"data": {"password": "in-the-hsm"}}))).await;
     assert_eq!(s.ok("GET", "/v1/secrets/hsm/db", &a, None).await["data"]["password"], "in-the-hsm");
-    let alias = kmsgate_core::AliasName::parse("alias/kmsgate-internal/secrets").unwrap();
-    let key = s.app.dispatcher.describe_key(&s.app.admin(), &KeyRef::Alias(alias)).await.unwrap();
+    let key = common::internal_key(&s.app.dispatcher, &s.app.tenant, "alias/kmsgate-internal/secrets").await;
+    assert!(key.internal);
     assert!(key.versions.iter().all(|v| v.handle.backend == "hsm"), "{:?}", key.versions);
 }
 

@@ -558,8 +558,7 @@ async fn every_error_name_with_its_status() {
             ..NewStore::default()
         })
         .await;
-    let sealing =
-        p.d.resolve(&TenantId::default_tenant(), &KeyRef::parse(Dispatcher::SEALING_ALIAS).unwrap()).await.unwrap();
+    let sealing = common::internal_key(&p.d, &TenantId::default_tenant(), Dispatcher::SEALING_ALIAS).await;
     let r = p.call(&all, &format!("/keys/{}/encrypt", sealing.id), &enc_body(b"x", None, false)).await;
     assert_error(&r, 404, "KeyNotFoundException");
     assert_eq!(p.call(&all, &format!("/keys/{not_listed}/encrypt"), &enc_body(b"x", None, false)).await.status, 200);
@@ -876,10 +875,9 @@ async fn health_status_is_deep_and_fresh() {
 
     // The deep check used its own internal key, which is not a customer key.
     let health_key =
-        p.d.resolve(&TenantId::default_tenant(), &KeyRef::parse("alias/kmsgate-internal/xks-health-software").unwrap())
-            .await
-            .unwrap();
-    assert!(health_key.tags.contains_key("kmsgate-internal"));
+        common::internal_key(&p.d, &TenantId::default_tenant(), "alias/kmsgate-internal/xks-health-software").await;
+    assert!(health_key.internal);
+    assert_eq!(health_key.versions[0].handle.backend, "software");
     let r =
         p.call(&cred, &format!("/keys/{}/metadata", health_key.id), &json!({"requestMetadata": md("CreateKey")})).await;
     assert_error(&r, 404, "KeyNotFoundException");

@@ -10,7 +10,7 @@ use kmsgate_core::{
     Replica, Result, Store, Tenant, TenantId, Timestamp,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Executor, Row, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Connection as _, Executor, Row, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::dialect::{Dialect, Target, WRITER_LOCK_KEY};
@@ -126,6 +126,29 @@ impl SqlStore {
             }
             Target::Postgres { .. } => pool_options.max_connections(options.max_connections.max(1)),
         };
+        // A connection that comes back still counting an open transaction never serves again. sqlx queues the
+        // rollback of a dropped transaction (an error, a deadline, a client hanging up) and counts the depth
+        // down only when it succeeds. On SQLite that ROLLBACK fails when SQLite already ended the transaction
+        // itself (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM, a trigger's RAISE(ROLLBACK)), and the
+        // connection would then refuse every later write ("begin_with at non-zero transaction depth"). The
+        // ping lets the queued rollback run first; a connection still in a transaction is closed, which
+        // rolls back whatever SQLite or PostgreSQL may still hold, and the pool opens a fresh one. Not for
+        // `sqlite::memory:`: closing its only connection would silently drop the whole database.
+        if !matches!(target, Target::SqliteMemory) {
+            pool_options = pool_options.after_release(|conn, _meta| {
+                Box::pin(async move {
+                    if !conn.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    conn.ping().await?;
+                    let clean = !conn.is_in_transaction();
+                    if !clean {
+                        tracing::warn!("a pooled connection was left inside a transaction; closing it");
+                    }
+                    Ok(clean)
+                })
+            });
+        }
         if dialect == Dialect::Sqlite {
             let busy_ms = options.busy_timeout.as_millis();
             pool_options = pool_options.after_connect(move |conn, _meta| {
@@ -1326,6 +1349,66 @@ mod tests {
             assert_eq!(fk, 1);
             let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut **conn).await.expect("pragma");
             assert_eq!(busy, 1234);
+        }
+    }
+
+    /// SQLite ends a transaction by itself on some statement errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY,
+    /// SQLITE_NOMEM, a trigger's `RAISE(ROLLBACK)`); the rollback that follows then fails ("no transaction is
+    /// active") and sqlx's connection keeps counting one open transaction. Such a connection must not serve
+    /// again: every later write on it would fail with "attempted to call begin_with at non-zero transaction
+    /// depth". One pooled connection, so the next write gets the same one unless it was discarded.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_itself_does_not_poison_the_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StoreOptions::default().max_connections(1);
+        let store = SqlStore::open_with(&temp_url(&dir), opts).await.expect("open");
+        // A test-only trigger stands for a disk that fills up in the middle of a write.
+        sqlx::query(
+            "CREATE TRIGGER full_disk BEFORE INSERT ON documents WHEN NEW.id = 'boom'
+             BEGIN SELECT RAISE(ROLLBACK, 'disk full'); END",
+        )
+        .execute(store.pool())
+        .await
+        .expect("trigger");
+        let doc = |id: &str| Document::new("test.doc", id, tenant("acme"), serde_json::json!({"id": id}));
+        for round in 0..3 {
+            let err = store.put_document(&doc("boom"), Precondition::Any).await.expect_err("the write fails");
+            assert_eq!(err.kind(), ErrorKind::StorageFailure);
+            for i in 0..3 {
+                let id = format!("after-{round}-{i}");
+                store.put_document(&doc(&id), Precondition::Absent).await.expect("later writes succeed");
+                assert!(store.get_document("test.doc", &id).await.expect("read").is_some());
+            }
+        }
+        assert_eq!(store.get_document("test.doc", "boom").await.expect("read"), None, "nothing half-written");
+    }
+
+    /// Writes abandoned while SQLite's busy handler waits for another process's write lock (a store deadline
+    /// shorter than the busy timeout) leave no transaction behind once that lock is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_cancelled_while_waiting_for_another_writer_leave_no_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = temp_url(&dir);
+        let a = SqlStore::open_with(&url, StoreOptions::default().max_connections(2)).await.expect("open a");
+        let b = open_file(&url, Duration::from_secs(10)).await;
+        let doc = |id: &str| Document::new("test.doc", id, tenant("acme"), serde_json::json!({"id": id}));
+        for round in 0..5_u64 {
+            let held = b.begin_write().await.expect("b holds the write lock");
+            for wait in [0, 1, 5, 20] {
+                let d = doc(&format!("cancelled-{round}-{wait}"));
+                let w = a.put_document(&d, Precondition::Any);
+                assert!(tokio::time::timeout(Duration::from_millis(wait + round), w).await.is_err(), "still waiting");
+            }
+            drop(held);
+            for i in 0..4 {
+                let id = format!("after-{round}-{i}");
+                a.put_document(&doc(&id), Precondition::Absent).await.expect("later writes succeed");
+            }
+        }
+        for round in 0..5 {
+            for wait in [0, 1, 5, 20] {
+                assert_eq!(a.get_document("test.doc", &format!("cancelled-{round}-{wait}")).await.expect("get"), None);
+            }
         }
     }
 

@@ -72,6 +72,7 @@ macro_rules! store_testsuite {
             delete_document_frees_the_id,
             document_kinds_and_ids_are_validated,
             concurrent_document_writes_one_wins,
+            cancelled_writes_leave_no_transaction_behind,
             heartbeats,
             secrets_create_and_get,
             secret_versions_are_optimistic_and_pruned,
@@ -165,6 +166,7 @@ pub fn sample_key(tenant_id: &str, id: &str) -> Key {
         updated_at: created,
         deletion_at: None,
         revision: 0,
+        internal: false,
     }
 }
 
@@ -1095,6 +1097,40 @@ pub async fn document_kinds_and_ids_are_validated(s: &dyn Store) {
 
 /// Concurrent `Revision` writes of one document: exactly one wins each round. Of two concurrent inserts of
 /// one id, exactly one succeeds; concurrent `Any` writes both land, one after the other.
+/// Writes abandoned at every await point (a store-call deadline, a client that hangs up) leave no pooled
+/// connection inside a transaction: every write after them succeeds. Several writers contend, so some are
+/// cancelled while queued for the write lock, some between `BEGIN` and `COMMIT`, some during the commit.
+pub async fn cancelled_writes_leave_no_transaction_behind(s: &dyn Store) {
+    const KIND: &str = "test.cancel";
+    let mut cancelled = 0_u32;
+    for round in 0..60_u64 {
+        // From "before the first poll" up to a few milliseconds: commits fsync, so later deadlines land
+        // inside the transaction and inside the commit.
+        let deadline = Duration::from_micros(round * round * 2);
+        let write = |w: u32| async move {
+            let d = doc(KIND, &format!("d{w}"), "acme", json!({"round": round}));
+            tokio::time::timeout(deadline, s.put_document(&d, Precondition::Any)).await
+        };
+        let (a, b, c, d) = tokio::join!(write(0), write(1), write(2), write(3));
+        for r in [a, b, c, d] {
+            match r {
+                Ok(written) => {
+                    written.expect("an uncancelled write succeeds");
+                }
+                Err(_) => cancelled += 1,
+            }
+        }
+    }
+    assert!(cancelled > 0, "the deadlines cancel some writes");
+    // Cancelled transactions are rolled back in the background; then no connection may still be in one.
+    for i in 0..40 {
+        let d = doc(KIND, &format!("after{i}"), "acme", json!(i));
+        put(s, &d, Precondition::Absent).await.expect("inserted");
+        let d = doc(KIND, &format!("d{}", i % 4), "acme", json!(i));
+        put(s, &d, Precondition::Any).await.expect("written");
+    }
+}
+
 pub async fn concurrent_document_writes_one_wins(s: &dyn Store) {
     const KIND: &str = "xks.keystore";
     let base = feed(s).await.len();

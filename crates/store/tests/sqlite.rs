@@ -5,12 +5,13 @@
 #![allow(clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kmsgate_core::{Document, ErrorKind, KeyId, PageRequest, Precondition, Store, Tenant, Timestamp};
 use kmsgate_store::testsuite::{self, Fixture, alias, key_id, sample_key, tenant};
-use kmsgate_store::{Dialect, SqlStore};
+use kmsgate_store::{Dialect, SqlStore, StoreOptions};
 
 async fn memory_fixture() -> Fixture {
     Fixture::new(SqlStore::open("sqlite::memory:").await.expect("open sqlite::memory:"))
@@ -135,13 +136,22 @@ async fn a_pruned_change_feed_continues_after_reopen() {
 const CRASH_CHILD_ENV: &str = "KMSGATE_STORE_CRASH_CHILD_URL";
 /// Printed by the writer after each `create_key` returned `Ok`.
 const ACK: &str = "KMSGATE-STORE-ACK ";
+/// How long the parent waits for the child's 30 acknowledgements: generous, for a loaded machine.
+const PARENT_DEADLINE: Duration = Duration::from_secs(180);
+/// How long a child writes at most: beyond the parent's deadline, so it is always killed while writing.
+const CHILD_BOUND: Duration = Duration::from_secs(600);
 
 /// The writer path of the crash test: creates keys one by one and prints each id once the store acknowledged
-/// it. Returns the acknowledged ids.
-async fn write_and_ack(url: &str, count: usize) -> Vec<KeyId> {
+/// it, `count` of them or, without a count, until `until` (the child: it must never finish before the parent
+/// kills it, however slowly the parent is scheduled; the pipe to the parent, once full, paces it). Returns the
+/// acknowledged ids.
+async fn write_and_ack(url: &str, count: Option<usize>, until: Instant) -> Vec<KeyId> {
     let store = SqlStore::open(url).await.expect("writer opens the store");
     let mut acked = Vec::new();
-    for i in 0..count {
+    for i in 0.. {
+        if count.is_some_and(|n| i >= n) || Instant::now() >= until {
+            break;
+        }
         let key = sample_key("acme", &format!("child-{i:05}"));
         let stored = store.create_key(&key, &[alias(&format!("alias/child-{i:05}"))]).await.expect("create_key");
         // println! so a normal run's output is captured; the child runs with --nocapture.
@@ -157,13 +167,14 @@ async fn write_and_ack(url: &str, count: usize) -> Vec<KeyId> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_child_writer() {
     if let Ok(url) = std::env::var(CRASH_CHILD_ENV) {
-        // Child: keep writing until the parent kills us (bounded, should the parent be gone).
-        write_and_ack(&url, 2_000).await;
+        // Child: keep writing until the parent kills us. An orphan (the parent gone) stops writing when its
+        // stdout breaks, or after the bound, long after the parent's own deadline.
+        write_and_ack(&url, None, Instant::now() + CHILD_BOUND).await;
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(&dir);
-    let acked = write_and_ack(&url, 5).await;
+    let acked = write_and_ack(&url, Some(5), Instant::now() + CHILD_BOUND).await;
     assert_eq!(acked.len(), 5);
     let reader = SqlStore::open(&url).await.expect("open");
     for id in &acked {
@@ -178,8 +189,13 @@ fn acknowledged_writes_survive_sigkill() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(&dir);
-    // Create the schema first so the child and this process do not race the first open.
-    let parent = rt.block_on(SqlStore::open(&url)).expect("open");
+    // Create the schema first so the child and this process do not race the first open. The child writes
+    // back to back and only the full pipe to this process pauses it, so this process's own writes may wait for
+    // the lock that long on a loaded machine: a busy timeout well beyond that (waiting, not an error, is what
+    // resolves the lock between processes).
+    let parent = rt
+        .block_on(SqlStore::open_with(&url, StoreOptions::default().busy_timeout(Duration::from_secs(120))))
+        .expect("open");
 
     let exe = std::env::current_exe().expect("test binary path");
     let mut child = Command::new(exe)
@@ -192,7 +208,7 @@ fn acknowledged_writes_survive_sigkill() {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + PARENT_DEADLINE;
     let mut acked = Vec::new();
     let mut own = Vec::new();
     while acked.len() < 30 && Instant::now() < deadline {
@@ -212,7 +228,7 @@ fn acknowledged_writes_survive_sigkill() {
     // SIGKILL: no destructor, no clean close; most likely in the middle of the next write.
     child.kill().expect("kill the writer");
     let status = child.wait().expect("reap the writer");
-    assert!(!status.success(), "the writer was killed, not finished: {status:?}");
+    assert_eq!(status.signal(), Some(9), "the writer was SIGKILLed, not finished: {status:?}");
     assert_eq!(acked.len(), 30, "the writer acknowledged 30 writes in time");
     drop(parent);
 

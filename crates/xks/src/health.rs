@@ -6,12 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmsgate_core::{
-    AliasName, Caller, CreateKeyRequest, DecryptRequest, Dispatcher, EncryptRequest, EncryptionAlgorithm, ErrorKind,
-    Frontend, HealthReport, HealthStatus, Key, KeyRef, KeySpec, TenantId,
-};
+use kmsgate_core::{AliasName, Caller, Dispatcher, Frontend, HealthReport, HealthStatus, Key, TenantId};
 use serde::Serialize;
-use zeroize::Zeroizing;
 
 use crate::config::XksConfig;
 
@@ -56,9 +52,10 @@ pub struct HealthCache {
     running: tokio::sync::Mutex<()>,
 }
 
-/// Whether a key is one kmsgate made for itself (sealing, health): never reachable through XKS.
+/// Whether a key is one kmsgate made for itself (sealing, health): never reachable through XKS. The
+/// dispatcher already answers `KeyNotFound` for them; this keeps the frontend's own check in step.
 pub fn is_internal(key: &Key) -> bool {
-    key.tags.contains_key(INTERNAL_TAG) || key.description.starts_with("kmsgate internal")
+    key.is_internal() || key.tags.contains_key(INTERNAL_TAG)
 }
 
 fn health_caller(tenant: &TenantId) -> Caller {
@@ -77,68 +74,12 @@ fn health_alias(backend: &str) -> Option<AliasName> {
     AliasName::parse(&format!("{HEALTH_ALIAS_PREFIX}{safe}")).ok()
 }
 
-/// The backend's health key in `tenant`, created on first use.
-async fn health_key(d: &Dispatcher, caller: &Caller, backend: &str) -> Result<Arc<Key>, String> {
-    let alias = health_alias(backend).ok_or("backend name unusable in an alias")?;
-    let by_alias = KeyRef::Alias(alias.clone());
-    match d.resolve(&caller.tenant, &by_alias).await {
-        Ok(k) => return Ok(k),
-        Err(e) if e.kind() != ErrorKind::KeyNotFound => return Err(e.to_string()),
-        Err(_) => {}
-    }
-    let mut req = CreateKeyRequest::new(KeySpec::Aes256);
-    req.backend = Some(backend.to_owned());
-    req.aliases = vec![alias];
-    req.description = "kmsgate internal: XKS deep health check key; never use".to_owned();
-    req.tags.insert(INTERNAL_TAG.to_owned(), "xks-health".to_owned());
-    match d.create_key(caller, req).await {
-        Ok(_) => {}
-        // Another replica created it first.
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e.to_string()),
-    }
-    d.resolve(&caller.tenant, &by_alias).await.map_err(|e| e.to_string())
-}
-
-/// A real encrypt and decrypt on the backend's health key.
+/// A real encrypt and decrypt on the backend's internal health key (the dispatcher's own path: the key is
+/// invisible to every caller, XKS included).
 async fn crypto_check(d: &Dispatcher, tenant: &TenantId, backend: &str) -> Result<(), String> {
     let caller = health_caller(tenant);
-    let key = health_key(d, &caller, backend).await?;
-    let probe = uuid::Uuid::new_v4();
-    let aad = b"kmsgate xks health".to_vec();
-    let enc = d
-        .encrypt(
-            &caller,
-            EncryptRequest {
-                key: KeyRef::Id(key.id.clone()),
-                algorithm: Some(EncryptionAlgorithm::AesGcm),
-                plaintext: Zeroizing::new(probe.as_bytes().to_vec()),
-                aad: aad.clone(),
-                iv: None,
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let dec = d
-        .decrypt(
-            &caller,
-            DecryptRequest {
-                key: KeyRef::Id(key.id.clone()),
-                version: Some(enc.version),
-                algorithm: Some(EncryptionAlgorithm::AesGcm),
-                iv: enc.iv,
-                aad,
-                ciphertext: enc.ciphertext,
-                tag: enc.tag,
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    if dec.plaintext.as_slice() == probe.as_bytes() {
-        Ok(())
-    } else {
-        Err("the health probe decrypted to other bytes".to_owned())
-    }
+    let alias = health_alias(backend).ok_or("backend name unusable in an alias")?;
+    d.probe_backend(&caller, backend, &alias).await.map_err(|e| e.to_string())
 }
 
 /// Folds probe statuses and crypto results into the spec's ACTIVE / DEGRADED / UNAVAILABLE per member.

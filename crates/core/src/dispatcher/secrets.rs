@@ -92,6 +92,7 @@ impl Dispatcher {
         self.internal_key(
             caller,
             Self::SECRETS_ALIAS,
+            None,
             "kmsgate internal: encrypts the data keys of stored secrets; never delete",
         )
         .await
@@ -100,7 +101,6 @@ impl Dispatcher {
     /// Seals `data` as `version` of the secret at (`tenant`, `path`).
     async fn seal_version(
         &self,
-        caller: &Caller,
         key: &Key,
         tenant: &TenantId,
         path: &SecretPath,
@@ -118,7 +118,8 @@ impl Dispatcher {
             aad,
             iv: None,
         };
-        let wrapped = self.encrypt_inner(caller, &wrap, None).await?;
+        Self::usable_internal(key)?;
+        let wrapped = self.encrypt_with(key, &wrap, None).await?;
         drop(wrap);
         let mut wrapped_key = Vec::with_capacity(wrapped.iv.len() + wrapped.ciphertext.len() + wrapped.tag.len());
         wrapped_key.extend_from_slice(&wrapped.iv);
@@ -142,7 +143,7 @@ impl Dispatcher {
             return Err(Error::invalid_ciphertext());
         }
         // By the id the version recorded, not by alias: the alias could be re-pointed, the data key cannot move.
-        let key = match self.resolve(&secret.tenant, &KeyRef::Id(sealed.key_id.clone())).await {
+        let key = match self.resolve_any(&secret.tenant, &KeyRef::Id(sealed.key_id.clone())).await {
             Ok(k) => k,
             // To the caller this is no missing resource of theirs but a broken encryption chain.
             Err(e) if e.kind() == ErrorKind::KeyNotFound => {
@@ -281,7 +282,7 @@ impl Dispatcher {
                     k
                 }
             };
-            let sealed = self.seal_version(caller, &k, tenant, &req.path, version, &req.data).await?;
+            let sealed = self.seal_version(&k, tenant, &req.path, version, &req.data).await?;
             let stored = if created {
                 match self.store_call(store.create_secret(&secret, &sealed)).await {
                     Ok(s) => Some(s),
@@ -336,7 +337,7 @@ impl Dispatcher {
                 let new_version = secret.add_version(None, &[STAGE_CURRENT.to_owned()], now, &caller.identity)?;
                 let prune = secret.prune();
                 let key = self.secrets_key(caller).await?;
-                let sealed = self.seal_version(caller, &key, tenant, path, new_version, &data).await?;
+                let sealed = self.seal_version(&key, tenant, path, new_version, &data).await?;
                 drop(data);
                 if let Some(stored) = self.store_call(store.put_secret_version(&secret, &sealed, &prune)).await? {
                     let info = stored

@@ -28,6 +28,21 @@ pub struct Env {
     pub caller: Caller,
 }
 
+/// One of the gateway's internal keys, read from the store: no dispatcher operation reaches them.
+pub async fn internal_key(d: &Dispatcher, tenant: &TenantId, alias: &str) -> kmsgate_core::Key {
+    let alias = kmsgate_core::AliasName::parse(alias).unwrap();
+    let entry = d.store().get_alias(tenant, &alias).await.unwrap().expect("the internal key exists");
+    d.store().get_key(tenant, &entry.key_id).await.unwrap().expect("its key exists")
+}
+
+/// Sets an internal key's state in the store (as a database repair would) and lets the dispatcher see it.
+pub async fn set_internal_key_state(d: &Dispatcher, tenant: &TenantId, alias: &str, state: kmsgate_core::KeyState) {
+    let mut key = internal_key(d, tenant, alias).await;
+    key.state = state;
+    d.store().update_key(&key).await.unwrap().expect("no concurrent change");
+    d.apply_changes().await.unwrap();
+}
+
 pub fn kek_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("kek")
 }
