@@ -1401,6 +1401,7 @@ mod tests {
         let url = temp_url(&dir);
         // What the first release left behind: step 1 only, with a key in it.
         let store = SqlStore::open(&url).await.expect("open");
+        sqlx::query("DROP TABLE audit_log").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE secret_versions").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE secrets").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE documents").execute(store.pool()).await.expect("drop");
