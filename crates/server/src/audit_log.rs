@@ -178,10 +178,23 @@ fn open_store(url: &str) -> anyhow::Result<Target> {
     Ok(Target::Store(rt, store))
 }
 
+/// A failed append wrote nothing (one transaction), so it is retried a few times (a failover, a restart of the
+/// database) before the batch is given up; records arriving meanwhile queue in the channel.
 fn append_to_store(rt: &tokio::runtime::Runtime, store: &SqlStore, records: Vec<Value>) -> std::io::Result<()> {
-    rt.block_on(store.audit_append(GENESIS, records, |seq, prev, v| seal(prev, seq, v)))
-        .map(|_| ())
-        .map_err(|e| std::io::Error::other(e.message().to_owned()))
+    const ATTEMPTS: u32 = 6;
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=ATTEMPTS {
+        match rt.block_on(store.audit_append(GENESIS, records.clone(), |seq, prev, v| seal(prev, seq, v))) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt == ATTEMPTS => return Err(std::io::Error::other(e.message().to_owned())),
+            Err(e) => {
+                tracing::warn!(target: "audit", error = %e.message(), attempt, "cannot append to the audit log; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn writer(target: Target, rx: mpsc::Receiver<Msg>) {
