@@ -468,4 +468,31 @@ mod tests {
         let v = verify_file(&path, false).unwrap();
         assert_eq!((v.records, v.chains), (4, 1));
     }
+
+    /// The store destination on SQLite: the sink's writer appends, `verify_store` accepts the chain and names
+    /// the first bad row after an edit or a removal (PostgreSQL and several replicas: tests/audit_store.rs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_chain_verifies_and_names_the_first_bad_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kms.db").display());
+        let sink = ChainSink::open(Destination::Store(url.clone())).unwrap();
+        for n in 1..=5 {
+            sink.tx.lock().unwrap().send(Msg::Record(serde_json::json!({"operation": "Encrypt", "n": n}))).unwrap();
+        }
+        sink.flush(Duration::from_secs(10));
+        let store = SqlStore::open(&url).await.unwrap();
+        let v = verify_store(&store).await.unwrap();
+        assert_eq!((v.records, v.chains, v.head.unwrap().0), (5, 1, 5));
+
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("UPDATE audit_log SET record = replace(record, 'Encrypt', 'Decrypt') WHERE seq = 3")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = verify_store(&store).await.unwrap_err().to_string();
+        assert!(err.starts_with("seq 3: record 3 was altered"), "{err}");
+        sqlx::query("DELETE FROM audit_log WHERE seq = 3").execute(&pool).await.unwrap();
+        let err = verify_store(&store).await.unwrap_err().to_string();
+        assert!(err.starts_with("seq 3: the record is missing"), "{err}");
+    }
 }
