@@ -168,6 +168,10 @@ fn spawn_writer(
 
 /// A small pool of the writer's own: one connection appends, batches queue behind it.
 fn open_store(url: &str) -> anyhow::Result<Target> {
+    // An in-memory SQLite database is private to its connection: the records would go nowhere anyone can read.
+    if url.trim().split('?').next().is_some_and(|u| u.ends_with(":memory:")) {
+        anyhow::bail!("audit.destination = \"store\" needs a persistent store, not an in-memory database");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -494,5 +498,11 @@ mod tests {
         sqlx::query("DELETE FROM audit_log WHERE seq = 3").execute(&pool).await.unwrap();
         let err = verify_store(&store).await.unwrap_err().to_string();
         assert!(err.starts_with("seq 3: the record is missing"), "{err}");
+    }
+
+    #[test]
+    fn an_in_memory_store_is_refused() {
+        let err = ChainSink::open(Destination::Store("sqlite::memory:".to_owned())).unwrap_err().to_string();
+        assert!(err.contains("persistent store"), "{err}");
     }
 }
