@@ -95,6 +95,10 @@ impl App {
             crate::config::AuditDestination::Stdout => {
                 builder = builder.audit(crate::audit_log::ChainSink::open(crate::audit_log::Destination::Stdout)?);
             }
+            crate::config::AuditDestination::Store => {
+                let dest = crate::audit_log::Destination::Store(config.store_connect_url()?);
+                builder = builder.audit(crate::audit_log::ChainSink::open(dest)?);
+            }
         }
         for member in &pkcs11 {
             builder = builder.backend(member.clone());

@@ -8,7 +8,9 @@
 //!
 //! Writing never blocks the request path: events go through a channel to a writer thread. With a file, the
 //! writer takes an exclusive lock on it for each batch, continues the chain from the file's last record and
-//! syncs the batch to disk, so a server and CLI processes may append to the same file.
+//! syncs the batch to disk, so a server and CLI processes may append to the same file. With the store, the
+//! writer appends each batch in one write transaction of the store's `audit_log` table, which every replica
+//! serialises on the store's writer lock: all replicas and CLI processes build one chain.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
@@ -19,6 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kmsgate_core::{AuditEvent, AuditSink};
+use kmsgate_store::{SqlStore, StoreOptions};
 use serde_json::Value;
 
 /// The `type` field of every audit record (other JSON lines, e.g. logs on the same stdout, have none).
@@ -31,6 +34,17 @@ const HASH_FIELD: &str = ",\"hash\":\"";
 pub enum Destination {
     File(PathBuf),
     Stdout,
+    /// The `audit_log` table of the store at this (connectable) URL.
+    Store(String),
+}
+
+/// Where the writer thread puts records.
+enum Target {
+    File(File),
+    Stdout,
+    /// The writer's own runtime and pool: the sink outlives no runtime of its caller and the request path's
+    /// pool is never used for audit appends.
+    Store(tokio::runtime::Runtime, SqlStore),
 }
 
 enum Msg {
@@ -61,23 +75,21 @@ impl ChainSink {
     /// Starts the writer. A file is created with mode 0600 if missing and must be writable now: a
     /// misconfigured audit log stops the start, not the first request.
     pub fn open(dest: Destination) -> anyhow::Result<Arc<ChainSink>> {
-        let file = match &dest {
-            Destination::File(path) => Some(
-                OpenOptions::new()
+        let (tx, rx) = mpsc::channel();
+        match dest {
+            Destination::File(path) => {
+                let file = OpenOptions::new()
                     .read(true)
                     .append(true)
                     .create(true)
                     .mode(0o600)
-                    .open(path)
-                    .map_err(|e| anyhow::anyhow!("cannot open the audit log {}: {e}", path.display()))?,
-            ),
-            Destination::Stdout => None,
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("kmsgate-audit".to_owned())
-            .spawn(move || writer(file, rx))
-            .map_err(|e| anyhow::anyhow!("cannot start the audit writer: {e}"))?;
+                    .open(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot open the audit log {}: {e}", path.display()))?;
+                spawn_writer(move || Ok(Target::File(file)), rx)?;
+            }
+            Destination::Stdout => spawn_writer(|| Ok(Target::Stdout), rx)?,
+            Destination::Store(url) => spawn_writer(move || open_store(&url), rx)?,
+        }
         let sink = Arc::new(ChainSink { tx: Mutex::new(tx) });
         if let Ok(mut s) = flushers().lock() {
             s.push(sink.clone());
@@ -132,7 +144,64 @@ pub fn seal(prev: &str, seq: u64, event: Value) -> (String, String) {
     (line, hash)
 }
 
-fn writer(file: Option<File>, rx: mpsc::Receiver<Msg>) {
+/// Starts the writer thread on the target `open` returns there, waiting until it is open: a misconfigured
+/// destination fails the start.
+fn spawn_writer(
+    open: impl FnOnce() -> anyhow::Result<Target> + Send + 'static,
+    rx: mpsc::Receiver<Msg>,
+) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("kmsgate-audit".to_owned())
+        .spawn(move || match open() {
+            Ok(target) => {
+                let _ = ready_tx.send(Ok(()));
+                writer(target, rx);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the audit writer: {e}"))?;
+    ready_rx.recv().map_err(|_| anyhow::anyhow!("the audit writer stopped while starting"))?
+}
+
+/// A small pool of the writer's own: one connection appends, batches queue behind it.
+fn open_store(url: &str) -> anyhow::Result<Target> {
+    // An in-memory SQLite database is private to its connection: the records would go nowhere anyone can read.
+    if url.trim().split('?').next().is_some_and(|u| u.ends_with(":memory:")) {
+        anyhow::bail!("audit.destination = \"store\" needs a persistent store, not an in-memory database");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the audit writer's runtime: {e}"))?;
+    let store = rt
+        .block_on(SqlStore::open_with(url, StoreOptions::default().max_connections(1)))
+        .map_err(|e| anyhow::anyhow!("cannot open the store for the audit log: {}", e.message()))?;
+    Ok(Target::Store(rt, store))
+}
+
+/// A failed append wrote nothing (one transaction), so it is retried a few times (a failover, a restart of the
+/// database) before the batch is given up; records arriving meanwhile queue in the channel.
+fn append_to_store(rt: &tokio::runtime::Runtime, store: &SqlStore, records: Vec<Value>) -> std::io::Result<()> {
+    const ATTEMPTS: u32 = 6;
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=ATTEMPTS {
+        match rt.block_on(store.audit_append(GENESIS, records.clone(), |seq, prev, v| seal(prev, seq, v))) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt == ATTEMPTS => return Err(std::io::Error::other(e.message().to_owned())),
+            Err(e) => {
+                tracing::warn!(target: "audit", error = %e.message(), attempt, "cannot append to the audit log; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn writer(target: Target, rx: mpsc::Receiver<Msg>) {
     // The stdout chain lives in memory: it starts afresh with each process.
     let mut stdout_head = (0u64, GENESIS.to_owned());
     while let Ok(first) = rx.recv() {
@@ -149,9 +218,10 @@ fn writer(file: Option<File>, rx: mpsc::Receiver<Msg>) {
             }
         }
         if !records.is_empty() {
-            let written = match &file {
-                Some(f) => append_to_file(f, records),
-                None => append_to_stdout(&mut stdout_head, records),
+            let written = match &target {
+                Target::File(f) => append_to_file(f, records),
+                Target::Stdout => append_to_stdout(&mut stdout_head, records),
+                Target::Store(rt, store) => append_to_store(rt, store, records),
             };
             if let Err(e) = written {
                 tracing::error!(target: "audit", error = %e, "cannot write the audit log: records are lost");
@@ -258,35 +328,75 @@ pub fn verify(input: impl BufRead, mixed: bool) -> Result<Verified, String> {
             }
             return Err(format!("line {n}: not an audit record"));
         };
-        let (Some(seq), Some(prev), Some(hash)) = (
-            v.get("seq").and_then(Value::as_u64),
-            v.get("prev").and_then(Value::as_str),
-            v.get("hash").and_then(Value::as_str),
-        ) else {
-            return Err(format!("line {n}: the record lacks seq, prev or hash"));
-        };
-        let Some(at) = line.rfind(HASH_FIELD) else {
-            return Err(format!("line {n}: the record lacks its hash"));
-        };
-        let body = format!("{}}}", &line[..at]);
-        if sha256_hex(body.as_bytes()) != hash || line[at..] != format!("{HASH_FIELD}{hash}\"}}") {
-            return Err(format!("line {n}: record {seq} was altered (its hash does not match its content)"));
-        }
-        match &out.head {
-            _ if seq == 1 && prev == GENESIS => out.chains += 1,
-            Some((last_seq, last_hash)) if seq == last_seq + 1 && prev == last_hash => {}
-            Some((last_seq, _)) => {
-                return Err(format!(
-                    "line {n}: record {seq} does not follow record {last_seq}: records were removed, reordered or \
-                     inserted"
-                ));
-            }
-            None => return Err(format!("line {n}: the log starts at record {seq}, not at the start of a chain")),
-        }
-        out.records += 1;
-        out.head = Some((seq, hash.to_owned()));
+        check_record(&mut out, &line, &v).map_err(|e| format!("line {n}: {e}"))?;
     }
     Ok(out)
+}
+
+/// Checks one parsed record `v` (its text `line`) against the chain so far and makes it the head.
+fn check_record(out: &mut Verified, line: &str, v: &Value) -> Result<(), String> {
+    let (Some(seq), Some(prev), Some(hash)) = (
+        v.get("seq").and_then(Value::as_u64),
+        v.get("prev").and_then(Value::as_str),
+        v.get("hash").and_then(Value::as_str),
+    ) else {
+        return Err("the record lacks seq, prev or hash".to_owned());
+    };
+    let Some(at) = line.rfind(HASH_FIELD) else {
+        return Err("the record lacks its hash".to_owned());
+    };
+    let body = format!("{}}}", &line[..at]);
+    if sha256_hex(body.as_bytes()) != hash || line[at..] != format!("{HASH_FIELD}{hash}\"}}") {
+        return Err(format!("record {seq} was altered (its hash does not match its content)"));
+    }
+    match &out.head {
+        _ if seq == 1 && prev == GENESIS => out.chains += 1,
+        Some((last_seq, last_hash)) if seq == last_seq + 1 && prev == last_hash => {}
+        Some((last_seq, _)) => {
+            return Err(format!(
+                "record {seq} does not follow record {last_seq}: records were removed, reordered or inserted"
+            ));
+        }
+        None => return Err(format!("the log starts at record {seq}, not at the start of a chain")),
+    }
+    out.records += 1;
+    out.head = Some((seq, hash.to_owned()));
+    Ok(())
+}
+
+/// Verifies the store's `audit_log` table: one chain, its rows numbered 1, 2, ... without gaps, each row's
+/// `seq` and `hash` columns those of its record. An error names the first bad row (`seq N: ...`).
+pub async fn verify_store(store: &SqlStore) -> anyhow::Result<Verified> {
+    const PAGE: u32 = 1000;
+    let mut out = Verified { records: 0, chains: 0, other_lines: 0, head: None };
+    let mut after = 0u64;
+    loop {
+        let rows = store
+            .audit_rows(after, PAGE)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the audit_log table: {}", e.message()))?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        for row in rows {
+            let expected = after + 1;
+            if row.seq != expected {
+                anyhow::bail!("seq {expected}: the record is missing: records were removed");
+            }
+            let v: Value = serde_json::from_str(&row.record)
+                .ok()
+                .filter(|v: &Value| v.get("type").and_then(Value::as_str) == Some(RECORD_TYPE))
+                .ok_or_else(|| anyhow::anyhow!("seq {expected}: not an audit record"))?;
+            check_record(&mut out, &row.record, &v).map_err(|e| anyhow::anyhow!("seq {expected}: {e}"))?;
+            if out.head.as_ref() != Some(&(row.seq, row.hash.clone())) || out.chains != 1 {
+                anyhow::bail!(
+                    "seq {expected}: the row's seq or hash column differs from its record: records were moved or \
+                     replaced"
+                );
+            }
+            after = row.seq;
+        }
+    }
 }
 
 /// Verifies a file.
@@ -361,5 +471,38 @@ mod tests {
         append_to_file(&open(), vec![serde_json::json!({"n": 4})]).unwrap();
         let v = verify_file(&path, false).unwrap();
         assert_eq!((v.records, v.chains), (4, 1));
+    }
+
+    /// The store destination on SQLite: the sink's writer appends, `verify_store` accepts the chain and names
+    /// the first bad row after an edit or a removal (PostgreSQL and several replicas: tests/audit_store.rs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_chain_verifies_and_names_the_first_bad_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kms.db").display());
+        let sink = ChainSink::open(Destination::Store(url.clone())).unwrap();
+        for n in 1..=5 {
+            sink.tx.lock().unwrap().send(Msg::Record(serde_json::json!({"operation": "Encrypt", "n": n}))).unwrap();
+        }
+        sink.flush(Duration::from_secs(10));
+        let store = SqlStore::open(&url).await.unwrap();
+        let v = verify_store(&store).await.unwrap();
+        assert_eq!((v.records, v.chains, v.head.unwrap().0), (5, 1, 5));
+
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("UPDATE audit_log SET record = replace(record, 'Encrypt', 'Decrypt') WHERE seq = 3")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = verify_store(&store).await.unwrap_err().to_string();
+        assert!(err.starts_with("seq 3: record 3 was altered"), "{err}");
+        sqlx::query("DELETE FROM audit_log WHERE seq = 3").execute(&pool).await.unwrap();
+        let err = verify_store(&store).await.unwrap_err().to_string();
+        assert!(err.starts_with("seq 3: the record is missing"), "{err}");
+    }
+
+    #[test]
+    fn an_in_memory_store_is_refused() {
+        let err = ChainSink::open(Destination::Store("sqlite::memory:".to_owned())).unwrap_err().to_string();
+        assert!(err.contains("persistent store"), "{err}");
     }
 }

@@ -308,6 +308,8 @@ pub enum AuditDestination {
     File,
     /// Hash-chained JSON lines on standard output (a chain per process start).
     Stdout,
+    /// Hash-chained records in the store's `audit_log` table: one chain for all replicas.
+    Store,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

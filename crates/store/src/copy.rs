@@ -80,6 +80,9 @@ pub(crate) const COPIED: &[Table] = &[
         columns: &[("tenant", Text), ("path", Text), ("version", Int), ("created_at", Int), ("doc", Text)],
         order_by: "tenant, path, version",
     },
+    // The audit chain moves with the installation: its records and hashes are copied verbatim, so the chain
+    // still verifies in the destination and appends continue it.
+    Table { name: "audit_log", columns: &[("seq", Int), ("hash", Text), ("record", Text)], order_by: "seq" },
 ];
 
 /// Not copied: the change feed and heartbeats belong to the running installation (the destination's

@@ -8,6 +8,7 @@
 //! With the `testsuite` feature, [`testsuite`] holds the behavioural tests every `Store` must pass, written
 //! against `&dyn Store` so each dialect runs the same suite.
 
+mod audit_log;
 mod copy;
 mod dialect;
 mod errors;
@@ -18,6 +19,7 @@ mod sql_store;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 
+pub use audit_log::AuditRow;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use sql_store::{SqlStore, StoreOptions};

@@ -221,6 +221,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             )"#,
         ],
     },
+    Migration {
+        version: 4,
+        name: "audit log",
+        // One hash-chained audit log for all replicas (`[audit] destination = "store"`). `record` is the sealed
+        // record exactly as hashed; `hash` repeats its hash so an append reads the head without parsing JSON.
+        sqlite: &["CREATE TABLE audit_log (
+                seq INTEGER NOT NULL PRIMARY KEY,
+                hash TEXT NOT NULL,
+                record TEXT NOT NULL
+            )"],
+        postgres: &["CREATE TABLE audit_log (
+                seq BIGINT NOT NULL PRIMARY KEY,
+                hash TEXT NOT NULL,
+                record TEXT NOT NULL
+            )"],
+    },
 ];
 
 const CREATE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -1484,6 +1484,7 @@ mod tests {
         let url = temp_url(&dir);
         // What the first release left behind: step 1 only, with a key in it.
         let store = SqlStore::open(&url).await.expect("open");
+        sqlx::query("DROP TABLE audit_log").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE secret_versions").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE secrets").execute(store.pool()).await.expect("drop");
         sqlx::query("DROP TABLE documents").execute(store.pool()).await.expect("drop");

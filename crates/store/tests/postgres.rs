@@ -107,6 +107,17 @@ async fn two_replicas_on_one_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_one_chain_from_two_replicas() {
+    let server = server_url().await;
+    let (_schema, url) = fresh_schema(&server).await;
+    let a = SqlStore::open_with(&url, options()).await.expect("open a");
+    let b = SqlStore::open_with(&url, options()).await.expect("open b");
+    testsuite::audit_log_one_chain_from_two_handles(&a, &b).await;
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_together_migrate_once() {
     let server = server_url().await;
     let (_schema, url) = fresh_schema(&server).await;
@@ -174,7 +185,9 @@ async fn copy_from_sqlite_into_postgres() {
     let (_schema, url) = fresh_schema(&server).await;
     let src = SqlStore::open("sqlite::memory:").await.expect("open sqlite");
     testsuite::populate_for_copy(&src).await;
+    testsuite::populate_audit_log(&src).await;
     let dst = SqlStore::open_with(&url, options()).await.expect("open postgres");
     src.copy_into(&dst).await.expect("copy");
     testsuite::check_copied(&src, &dst).await;
+    testsuite::check_audit_log_copied(&src, &dst).await;
 }

@@ -46,6 +46,15 @@ async fn two_handles_on_one_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_one_chain_from_two_handles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(&dir);
+    let a = SqlStore::open(&url).await.expect("open a");
+    let b = SqlStore::open(&url).await.expect("open b");
+    testsuite::audit_log_one_chain_from_two_handles(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_opens_of_a_new_file_all_succeed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(&dir);
@@ -251,12 +260,14 @@ fn acknowledged_writes_survive_sigkill() {
 async fn copy_into_an_empty_store() {
     let src = SqlStore::open("sqlite::memory:").await.expect("open source");
     testsuite::populate_for_copy(&src).await;
+    testsuite::populate_audit_log(&src).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = SqlStore::open(&file_url(&dir)).await.expect("open destination");
     let report = src.copy_into(&dst).await.expect("copy");
     let count = |name: &str| report.tables.iter().find(|(t, _)| *t == name).map(|(_, n)| *n);
     assert_eq!((count("keys"), count("aliases"), count("secret_versions")), (Some(2), Some(1), Some(1)));
     testsuite::check_copied(&src, &dst).await;
+    testsuite::check_audit_log_copied(&src, &dst).await;
     let err = src.copy_into(&dst).await.expect_err("the destination now holds data");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
     assert!(err.message().contains("not empty"), "{}", err.message());
