@@ -384,10 +384,22 @@ fn generate_objects(s: &Session, spec: KeySpec, usage: KeyUsageSet, id: &[u8], l
     }
 }
 
-/// Creates objects, once more after `CKR_TEMPLATE_INCONSISTENT`: SoftHSM's file object store can re-read a
-/// half-written new object while another session searches the token, and then reports a template conflict for
-/// a template that is fine. Anything the failed attempt left behind is removed first. (A real conflict fails
-/// twice, at the cost of one more call.)
+/// Serialises the changes this process makes to token objects (generate, create, destroy). SoftHSMv2's file
+/// object store is not safe for concurrent object creation from several sessions: now and then a create fails
+/// with `CKR_GENERAL_ERROR` or `CKR_TEMPLATE_INCONSISTENT` (SoftHSMv2 issue #573). Object changes are rare
+/// (key generation, import, destruction), so one lock for the whole process costs nothing on the crypto path,
+/// and it also covers several backends on one module, which share the library's single object store.
+static OBJECT_CHANGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn object_changes() -> std::sync::MutexGuard<'static, ()> {
+    // The guarded data is `()`: a panic while it was held leaves nothing inconsistent behind.
+    OBJECT_CHANGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Creates objects under [`object_changes`], once more after `CKR_TEMPLATE_INCONSISTENT` or
+/// `CKR_GENERAL_ERROR`: SoftHSM's file object store can re-read a half-written new object while another
+/// session searches the token, and then reports a failure for a template that is fine. Anything the failed
+/// attempt left behind is removed first. (A real failure fails twice, at the cost of one more call.)
 fn create_with_retry(
     ctx: &mut Ctx<'_>,
     op: Op,
@@ -395,23 +407,30 @@ fn create_with_retry(
     label: &str,
     mut create: impl FnMut(&Session) -> P11Result<()>,
 ) -> Result<()> {
+    let _changes = object_changes();
     let mut first = true;
     loop {
         let result = ctx.with_session_once(op, |s| match create(s) {
-            Err(P11Error::Pkcs11(RvError::TemplateInconsistent, _)) if first => Ok(false),
+            Err(P11Error::Pkcs11(RvError::TemplateInconsistent | RvError::GeneralError, _)) if first => Ok(false),
             other => other.map(|()| true),
         })?;
         if result {
             return Ok(());
         }
         first = false;
-        destroy_generated(ctx, id, label)?;
+        destroy_generated_locked(ctx, id, label)?;
     }
 }
 
 /// Destroys the objects kmsgate created for one key version: those with its `CKA_ID` *and* its label, so a
 /// foreign object that happens to share the id is never touched.
 fn destroy_generated(ctx: &mut Ctx<'_>, id: &[u8], label: &str) -> Result<usize> {
+    let _changes = object_changes();
+    destroy_generated_locked(ctx, id, label)
+}
+
+/// [`destroy_generated`] for a caller that holds [`object_changes`] already.
+fn destroy_generated_locked(ctx: &mut Ctx<'_>, id: &[u8], label: &str) -> Result<usize> {
     ctx.with_session(Op::Destroy, |s| {
         let objects = s.find_objects(&[
             Attribute::Token(true),
