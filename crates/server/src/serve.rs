@@ -100,6 +100,9 @@ pub async fn run(mut config: Config, source: Source, args: ServeArgs) -> anyhow:
     if let Some(t) = cfg.admin.tls.as_ref().filter(|_| cfg.admin.enabled) {
         app.metrics.watch_certificate("admin", &t.cert)?;
     }
+    if let Some(t) = cfg.grpc.tls.as_ref().filter(|_| cfg.grpc.enabled) {
+        app.metrics.watch_certificate("grpc", &t.cert)?;
+    }
     let api_token = match cfg.admin.enabled && cfg.admin.api {
         true => Some(crate::admin_api::load_or_create_token(&cfg)?),
         false => None,

@@ -453,6 +453,8 @@ async fn metrics_move_with_traffic_and_parse_as_the_exposition_format() {
     let expiry = get("kmsgate_tls_certificate_expiry_seconds", &[("listener", "admin")]);
     let expected = (not_after - time::OffsetDateTime::now_utc()).whole_seconds() as f64;
     assert!((expiry - expected).abs() < 120.0, "expiry {expiry}, expected about {expected}");
+    // The gRPC listener serves the same certificate here.
+    assert_eq!(get("kmsgate_tls_certificate_expiry_seconds", &[("listener", "grpc")]), expiry);
     assert_eq!(get("kmsgate_replicas", &[]), 1.0);
     assert_eq!(get("kmsgate_credentials", &[("kind", "xks.credential")]), 2.0);
     assert!(get("kmsgate_credential_max_age_seconds", &[("kind", "xks.credential")]) >= 0.0);
