@@ -560,13 +560,6 @@ pub async fn run(opts: &StandardOptions) -> anyhow::Result<Report> {
             reason: hsm_reason.unwrap_or_else(|| "SoftHSM not set up".to_owned()),
         });
     }
-    ctx.report.unavailable.push(Unavailable {
-        scenario: "rest-secret-read".to_owned(),
-        reason: "not available in this build: the secrets REST API frontend does not exist yet, and kmsgate-bench \
-                 has no client for it; no number is reported"
-            .to_owned(),
-    });
-
     let mut report = ctx.report;
     ratios(&mut report);
     if opts.set == Set::Standard {
