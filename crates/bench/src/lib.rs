@@ -15,6 +15,7 @@ pub mod hist;
 pub mod instr;
 pub mod load;
 pub mod report;
+pub mod rest;
 pub mod seed;
 pub mod sigv4;
 pub mod standard;
