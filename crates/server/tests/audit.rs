@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kmsgate");
@@ -36,31 +34,10 @@ fn cli_ok(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One signed XKS call to the full `path` (the shared signer, with the key store's prefix already in `path`).
 async fn xks(addr: SocketAddr, akid: &str, secret: &str, path: &str, body: &Value) -> common::Reply {
-    let bytes = body.to_string().into_bytes();
-    let host = addr.to_string();
-    let (date, auth) = kmsgate_xks::sigv4::sign(&kmsgate_xks::sigv4::ToSign {
-        method: "POST",
-        path,
-        query: None,
-        headers: &[("host", &host), ("content-type", "application/json")],
-        body: &bytes,
-        access_key_id: akid,
-        secret,
-        region: "eu-west-1",
-        service: "kms-xks-proxy",
-        time: time::OffsetDateTime::now_utc(),
-    });
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri(path)
-        .header("host", &host)
-        .header("content-type", "application/json")
-        .header("x-amz-date", date)
-        .header("authorization", auth)
-        .body(Full::new(Bytes::from(bytes)))
-        .unwrap();
-    common::send_on(tokio::net::TcpStream::connect(addr).await.unwrap(), false, req).await.unwrap()
+    let cred = common::wire::XksCred { akid: akid.to_owned(), secret: secret.to_owned(), uri_path: String::new() };
+    common::wire::xks_call(addr, &cred, path, body).await
 }
 
 fn records(path: &Path) -> Vec<Value> {
